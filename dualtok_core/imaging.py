@@ -1,0 +1,97 @@
+"""Checking and resizing uint8 image batches on their way into the models.
+
+Every branch takes float images in [0, 1], (B, 3, S, S), at its own input size. This module
+is the one place that turns the user's uint8 (B, H, W, 3) arrays into that, and the one place
+that says what is wrong with them when they are not images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dualtok_core.errors import ImageInputError, TokenInputError
+
+
+def check_uint8_images(images: np.ndarray | torch.Tensor, min_size: int = 1) -> torch.Tensor:
+    """Validate a (B, H, W, 3) uint8 batch and return it as a uint8 tensor (same memory)."""
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise ImageInputError(f"images must be uint8 (0-255), got dtype {images.dtype}")
+        tensor = torch.from_numpy(np.ascontiguousarray(images))
+    elif isinstance(images, torch.Tensor):
+        if images.dtype != torch.uint8:
+            raise ImageInputError(f"images must be uint8 (0-255), got dtype {images.dtype}")
+        tensor = images
+    else:
+        raise ImageInputError(f"images must be a numpy array or torch tensor, got {type(images).__name__}")
+    if tensor.ndim == 3:
+        raise ImageInputError(
+            f"images must be a batch (B, H, W, 3); got one image of shape {tuple(tensor.shape)}: add a batch axis"
+        )
+    if tensor.ndim != 4:
+        raise ImageInputError(f"images must have shape (B, H, W, 3), got {tuple(tensor.shape)}")
+    if tensor.shape[-1] != 3:
+        raise ImageInputError(
+            f"images must have 3 channels (RGB) in the last axis, got {tensor.shape[-1]} "
+            f"(shape {tuple(tensor.shape)}); convert grayscale/RGBA/CMYK to RGB first"
+        )
+    if tensor.shape[0] == 0:
+        raise ImageInputError("images is an empty batch")
+    height, width = int(tensor.shape[1]), int(tensor.shape[2])
+    if min(height, width) < min_size:
+        raise ImageInputError(f"images are {height}x{width}; the encoders need at least {min_size}x{min_size}")
+    return tensor
+
+
+def to_model_input(images: torch.Tensor, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, size, size) in [0, 1]: center square crop, antialiased resize."""
+    x = images.to(device).permute(0, 3, 1, 2)  # (B, 3, H, W)
+    x = center_square(x)
+    x = x.to(torch.float32) / 255.0
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x.clamp_(0.0, 1.0).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def center_square(x: torch.Tensor) -> torch.Tensor:
+    """Crop (..., H, W) to its centered min(H, W) square."""
+    height, width = x.shape[-2:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return x[..., top : top + side, left : left + side]
+
+
+def resize_float(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Float (B, 3, h, w) -> (B, 3, size, size), bicubic with antialiasing when shrinking."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Float (B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3) numpy."""
+    x = images.detach().float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def check_token_ids(ids: np.ndarray | torch.Tensor, length: int, vocab: int, name: str) -> torch.Tensor:
+    """Validate a (B, length) batch of integer ids in [0, vocab) and return it as int64."""
+    if isinstance(ids, np.ndarray):
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TokenInputError(f"{name} ids must be integers, got dtype {ids.dtype}")
+        tensor = torch.from_numpy(ids.astype(np.int64))
+    elif isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TokenInputError(f"{name} ids must be integers, got dtype {ids.dtype}")
+        tensor = ids.to(torch.int64)
+    else:
+        raise TokenInputError(f"{name} ids must be a numpy array or torch tensor, got {type(ids).__name__}")
+    if tensor.ndim != 2 or tensor.shape[1] != length:
+        raise TokenInputError(f"{name} ids must have shape (B, {length}), got {tuple(tensor.shape)}")
+    if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= vocab):
+        raise TokenInputError(
+            f"{name} ids must lie in [0, {vocab}); got values in [{int(tensor.min())}, {int(tensor.max())}]"
+        )
+    return tensor
