@@ -1,0 +1,93 @@
+"""Named, versioned presets: `tiny` (tests), `small` (CPU demo and benchmarks), `paper`.
+
+The constructor kwargs of each branch live beside the branch (`guide.PRESETS`, ...); this module
+names the combinations, checks that the branches agree with each other (the Reverse Q-Former's
+output width is the UNet's cross-attention width), and builds them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dualtok_core import diffusion, guide, semantic
+from dualtok_core.errors import BundleError
+
+PRESET_VERSION = 1
+PARTS = ("guide", "semantic", "diffusion")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    guide: dict[str, Any]
+    semantic: dict[str, Any]
+    diffusion: dict[str, Any]
+
+    def kwargs(self, part: str) -> dict[str, Any]:
+        return copy.deepcopy(getattr(self, part))
+
+
+_DESCRIPTIONS = {
+    "tiny": "test-sized widths; a tokenize + detokenize takes seconds on a CPU",
+    "small": "the paper's structure at reduced widths; a 2-core CPU tokenizes several images/s",
+    "paper": "the paper's shapes: MoVQ-width guide branch, EVA ViT-g + BERT-base Q-Former, SD 1.x",
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in _DESCRIPTIONS:
+        raise BundleError(f"unknown preset {name!r}; presets are: {', '.join(_DESCRIPTIONS)}")
+    return Preset(
+        name=name,
+        description=_DESCRIPTIONS[name],
+        guide=copy.deepcopy(guide.PRESETS[name]),
+        semantic=copy.deepcopy(semantic.PRESETS[name]),
+        diffusion=copy.deepcopy(diffusion.PRESETS[name]),
+    )
+
+
+def preset_names() -> tuple[str, ...]:
+    return tuple(_DESCRIPTIONS)
+
+
+def build_parts(preset: Preset, seed: int = 0, parts: tuple[str, ...] = PARTS) -> dict[str, torch.nn.Module]:
+    """Random-initialised branches of a preset; the same seed gives the same weights."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise BundleError(f"unknown bundle part(s) {sorted(unknown)}; parts are {PARTS}")
+    built: dict[str, torch.nn.Module] = {}
+    for offset, part in enumerate(PARTS):
+        if part not in parts:
+            continue
+        torch.manual_seed(seed * 1000 + offset)
+        if part == "guide":
+            built[part] = guide.GuideVQModel(**preset.kwargs("guide"))
+        elif part == "semantic":
+            built[part] = semantic.SemanticTokenizer(**preset.kwargs("semantic"))
+        else:
+            built[part] = diffusion.DiffusionReconstructor.build_random(preset.kwargs("diffusion"), seed=seed)
+    check_compatible(built)
+    return {name: module.eval() for name, module in built.items()}
+
+
+def check_compatible(parts: dict[str, torch.nn.Module]) -> None:
+    """The semantic branch's generation embeddings must fit the UNet's cross-attention."""
+    if "semantic" in parts and "diffusion" in parts:
+        gen_dim = parts["semantic"].config.gen_dim
+        cross = parts["diffusion"].cross_attention_dim
+        if gen_dim != cross:
+            raise BundleError(
+                f"semantic generation embeddings are {gen_dim} wide but the UNet cross-attends to {cross}"
+            )
+
+
+def parameter_counts(name: str) -> dict[str, int]:
+    """Parameter count per branch, built on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        built = build_parts(get_preset(name))
+    return {part: sum(p.numel() for p in module.parameters()) for part, module in built.items()}

@@ -1,0 +1,47 @@
+"""The `dualtok` command: one subcommand per job, each defined in its own module under jobs/.
+
+Each job module exposes `add_arguments(parser)` and `run(args) -> int`; this file only wires
+them into argparse. Only the CLI prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+import dualtok_core
+
+# subcommand -> (module under jobs/, one-line help). Modules are imported only when chosen,
+# so `dualtok --version` does not pay for importing ray and torch.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "presets": ("jobs.show_presets", "list the model presets with their parameter counts"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dualtok", description=dualtok_core.__doc__)
+    parser.add_argument("--version", action="version", version=f"dualtok {dualtok_core.__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub_parser)
+        sub_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args._module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

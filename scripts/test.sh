@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets up and runs the test suite on a fresh machine: the README's test command, and what CI runs.
+#   bash scripts/test.sh            # the default suite (no GPU tests)
+#   bash scripts/test.sh -m slow    # extra pytest arguments pass through
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# torch==2.13.0 is the local CPU build; naming it keeps pip from fetching a multi-GB CUDA build.
+python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[test]"
+
+# The audit report is checked in a real headless browser (Debian's chromium).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "warning: could not install chromium; the report browser test will be skipped" >&2
+fi
+
+exec python -m pytest -q -ra "$@"

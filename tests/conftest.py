@@ -1,0 +1,95 @@
+"""Session fixtures: the real parts integration tests run against.
+
+- `s3`: a moto S3 server on a loopback port (a subprocess, as s3fs's own tests run it), with
+  test credentials exported through the standard AWS environment variables so that every process
+  (Ray workers included) reaches it the way users' jobs reach a real endpoint.
+- `ray_session`: one local Ray cluster for the whole test session.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "dualtok-test-key",
+    "AWS_SECRET_ACCESS_KEY": "dualtok-test-secret-value",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+class S3Endpoint:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.storage_options = {"client_kwargs": {"endpoint_url": url}}
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.url}, skip_instance_cache=True)
+
+    def new_bucket(self) -> str:
+        name = f"dualtok-{uuid.uuid4().hex[:10]}"
+        self.filesystem().mkdir(name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3():
+    port = free_port()
+    env = {**os.environ, **S3_TEST_ENV}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    saved = {k: os.environ.get(k) for k in (*S3_TEST_ENV, "AWS_ENDPOINT_URL")}
+    try:
+        wait_for_port(port)
+        url = f"http://127.0.0.1:{port}"
+        os.environ.update(S3_TEST_ENV)
+        # botocore reads AWS_ENDPOINT_URL: the standard way to point every client at an endpoint.
+        os.environ["AWS_ENDPOINT_URL"] = url
+        yield S3Endpoint(url)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3):
+    """A local Ray cluster, started after the S3 env is set so workers inherit it."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
