@@ -17,6 +17,7 @@ import dualtok_core
 # so `dualtok --version` does not pay for importing ray and torch.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "presets": ("jobs.show_presets", "list the model presets with their parameter counts"),
+    "shards": ("jobs.make_shards", "write WebDataset shards from a folder of images or a list of paths"),
 }
 
 
