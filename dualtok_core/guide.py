@@ -18,6 +18,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ from diffusers.models.autoencoders.vq_model import VectorQuantizer
 from diffusers.utils import BaseOutput
 from safetensors.torch import load_file
 
-from dualtok_core.errors import BundleError, DualtokError, ImageInputError
+from dualtok_core.errors import BundleError, DualtokError, ImageInputError, TokenInputError
 from dualtok_core.imaging import check_token_ids, resize_float
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ PRESETS: dict[str, dict] = {
     # CPU demos and benchmarks: the paper's layout at a fraction of its widths.
     "small": dict(
         image_size=256, guide_size=64, encoder_block_out_channels=(32, 64, 64, 128),
-        decoder_block_out_channels=(32, 64, 64, 128), layers_per_block=1, latent_channels=4,
+        decoder_block_out_channels=(32, 64, 64, 128), layers_per_block=2, latent_channels=4,
         num_vq_embeddings=4096, vq_embed_dim=4, norm_num_groups=32,
     ),
     # Kandinsky 2.2 MoVQ's widths and codebook, so `from_movq` copies most of its weights.
@@ -108,7 +109,7 @@ class LoadReport:
         )
 
 
-def encoder_channels(image_size: int, grid_size: int, base: tuple[int, ...]) -> tuple[int, ...]:
+def _encoder_channels(image_size: int, grid_size: int, base: tuple[int, ...]) -> tuple[int, ...]:
     """Per-block encoder widths: `base`, its last width repeated until the depth the sizes need.
 
     Each encoder block but the last halves the resolution, so image_size -> grid_size takes
@@ -146,7 +147,7 @@ def _check_config(
         raise GuideConfigError(f"guide_size {guide_size} is larger than image_size {image_size}")
     if not encoder_base:
         raise GuideConfigError("encoder_block_out_channels is empty")
-    encoder_widths = encoder_channels(image_size, grid_size, encoder_base)
+    encoder_widths = _encoder_channels(image_size, grid_size, encoder_base)
     if len(decoder_widths) != 4:
         raise GuideConfigError(
             f"decoder_block_out_channels must have 4 entries (x8 upsampling), got {decoder_widths}"
@@ -325,7 +326,9 @@ class GuideVQModel(ModelMixin, ConfigMixin):
         if latents.ndim != 2 or latents.shape[1] != dim or latents.shape[0] == 0:
             raise DualtokError(f"latents must be (B, {dim}, h, w) or (N, {dim}), got {tuple(latents.shape)}")
         if used.shape != (num_codes,) or used.dtype != torch.bool:
-            raise DualtokError(f"used must be a bool tensor of shape ({num_codes},), got {used.dtype} {tuple(used.shape)}")
+            raise DualtokError(
+                f"used must be a bool tensor of shape ({num_codes},), got {used.dtype} {tuple(used.shape)}"
+            )
         dead = (~used).nonzero().squeeze(1).to(self.codebook.device)  # (n_dead,)
         if dead.numel() == 0:
             return 0
@@ -339,7 +342,7 @@ class GuideVQModel(ModelMixin, ConfigMixin):
         return int(dead.numel())
 
     @classmethod
-    def from_movq(cls, path: str | os.PathLike, **config) -> tuple[GuideVQModel, LoadReport]:
+    def from_movq(cls, path: str | os.PathLike, **config: Any) -> tuple[GuideVQModel, LoadReport]:
         """Build a guide model initialised from a Kandinsky 2.2 MoVQ folder (diffusers VQModel).
 
         `path` holds `config.json` and `diffusion_pytorch_model.safetensors` (or a sharded index),
@@ -433,10 +436,13 @@ def codebook_usage(ids: torch.Tensor, num_codes: int) -> tuple[float, float]:
     Perplexity equals the number of codes used when they are used equally often, and 1 when a
     single code takes every token (codebook collapse).
     """
-    counts = torch.bincount(ids.reshape(-1).long().cpu(), minlength=num_codes)[:num_codes].double()  # (K,)
+    flat = ids.reshape(-1).long().cpu()  # (N,)
+    if flat.numel() == 0:
+        raise TokenInputError("codebook_usage needs at least one id")
+    if int(flat.min()) < 0 or int(flat.max()) >= num_codes:
+        raise TokenInputError(f"ids must lie in [0, {num_codes}), got [{int(flat.min())}, {int(flat.max())}]")
+    counts = torch.bincount(flat, minlength=num_codes).double()  # (K,)
     total = counts.sum()
-    if total == 0:
-        raise DualtokError("codebook_usage needs at least one id")
     probs = counts[counts > 0] / total
     perplexity = float(torch.exp(-(probs * probs.log()).sum()))
     return float((counts > 0).sum()) / num_codes, perplexity
