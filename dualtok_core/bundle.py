@@ -65,11 +65,14 @@ def module_hash(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     config = getattr(module, "config", None)
     if config is not None:
-        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        # '_'-keys are diffusers' bookkeeping (library version, a set of defaulted names in
+        # hash-seed order): not what the model is, and not stable across processes.
+        public = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        digest.update(json.dumps(public, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -61,6 +61,19 @@ def build_parts(preset: Preset, seed: int = 0, parts: tuple[str, ...] = PARTS) -
     if unknown:
         raise BundleError(f"unknown bundle part(s) {sorted(unknown)}; parts are {PARTS}")
     built: dict[str, torch.nn.Module] = {}
+    threads = torch.get_num_threads()
+    # torch's CPU random init draws differently with different thread counts; one thread makes
+    # a preset's weights the same on every machine and in every Ray actor.
+    torch.set_num_threads(1)
+    try:
+        _build_into(built, preset, seed, parts)
+    finally:
+        torch.set_num_threads(threads)
+    check_compatible(built)
+    return {name: module.eval() for name, module in built.items()}
+
+
+def _build_into(built: dict[str, torch.nn.Module], preset: Preset, seed: int, parts: tuple[str, ...]) -> None:
     for offset, part in enumerate(PARTS):
         if part not in parts:
             continue
@@ -71,8 +84,6 @@ def build_parts(preset: Preset, seed: int = 0, parts: tuple[str, ...] = PARTS) -
             built[part] = semantic.SemanticTokenizer(**preset.kwargs("semantic"))
         else:
             built[part] = diffusion.DiffusionReconstructor.build_random(preset.kwargs("diffusion"), seed=seed)
-    check_compatible(built)
-    return {name: module.eval() for name, module in built.items()}
 
 
 def check_compatible(parts: dict[str, torch.nn.Module]) -> None:

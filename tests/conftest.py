@@ -85,11 +85,12 @@ def s3():
 
 @pytest.fixture(scope="session")
 def ray_session(s3):
-    """A local Ray cluster, started after the S3 env is set so workers inherit it."""
+    """One local Ray cluster for the session, started after the S3 env is set so that every worker
+    inherits it. Yields its address: subprocess drivers (kill tests, `dualtok` runs) connect to it."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    context = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        yield ray
+        yield context.address_info["gcs_address"]
     finally:
         ray.shutdown()

@@ -1,0 +1,79 @@
+"""What every job's config shares: storage credentials, the Ray address, and the CLI plumbing.
+
+Jobs take `dualtok <job> [-c job.yaml] [key=value ...]`: the YAML file and the overrides map onto
+the job's one root dataclass through `pipelines.configuration.load_config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pipelines.configuration import ConfigError, load_config, secret
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Object-store access. Credentials normally come from the standard AWS chain (env vars,
+    profile, instance/service-account role); `key`/`secret` exist for stores without one and are
+    never written to logs or outputs."""
+
+    endpoint_url: str | None = None  # any S3-compatible endpoint (MinIO, R2, a loopback moto server)
+    region: str | None = None
+    profile: str | None = None
+    anon: bool = False
+    key: str | None = secret()
+    secret: str | None = secret()
+
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec/s3fs keyword arguments; empty when the defaults apply."""
+        options: dict[str, Any] = {}
+        client: dict[str, Any] = {}
+        if self.endpoint_url:
+            client["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client["region_name"] = self.region
+        if client:
+            options["client_kwargs"] = client
+        if self.profile:
+            options["profile"] = self.profile
+        if self.anon:
+            options["anon"] = True
+        if self.key or self.secret:
+            options.update(key=self.key, secret=self.secret)
+        return options
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where the job's Ray cluster is: None starts a local one (or uses RAY_ADDRESS, as ray.init does)."""
+
+    address: str | None = None
+    num_cpus: int | None = None  # only for a local cluster started by the job
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="YAML job config (keys as in the job's config type)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="override config keys, nested with dots: output=s3://b/corpus guide.batch_size=64")
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    return load_config(cls, args.config, args.overrides)
+
+
+def init_ray(config: RayConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"address": config.address} if config.address else {}
+    if config.num_cpus is not None and not config.address:
+        kwargs["num_cpus"] = config.num_cpus
+    ray.init(**kwargs)
+
+
+__all__ = ["ConfigError", "RayConfig", "StorageConfig", "add_config_arguments", "config_from_args", "init_ray"]

@@ -1,0 +1,195 @@
+"""The tokenize pipeline: WebDataset shards -> Ray Data -> a Parquet token corpus, exactly once.
+
+    shard URIs (pending only) -> ReadShards + DecodeImages (CPU tasks, fused by Ray Data)
+      -> EncodeGuideTokens (actor pool) -> EncodeSemanticTokens (actor pool)
+      -> driver: CorpusWriter commits each shard whole once all its samples are accounted for.
+
+Only token rows (a few hundred bytes an image) reach the driver; images stay in the object store
+and spill to disk under pressure. The unit of work and of commit is the input shard: a rerun
+skips committed shards, picks up new ones, and redoes any shard a crash left uncommitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from typing import Any, Literal
+
+from pipelines import schemas as S
+from pipelines.corpus import RUNS_DIR, CorpusLayout, CorpusWriter
+from pipelines.decode import DecodeConfig
+from pipelines.stages import (
+    BundleSource, DecodeImages, EncodeGuideTokens, EncodeSemanticTokens, ReadShards, StageResources, add_actor_stage,
+)
+from pipelines.storage import commit_bytes, common_root, filesystem, list_shards, shard_id
+
+logger = logging.getLogger(__name__)
+
+Streams = Literal["both", "guide", "semantic"]
+_PACKAGES = ("dualtok", "torch", "ray", "diffusers", "transformers", "pyarrow", "numpy", "pillow")
+
+
+class BundleMismatchError(RuntimeError):
+    """The output already holds shards made by a different bundle."""
+
+
+@dataclass(frozen=True)
+class TokenizePlan:
+    """Everything a tokenize run needs, resolved by the job from its config."""
+
+    inputs: list[str]
+    output: str
+    source: BundleSource
+    streams: Streams = "both"
+    decode: DecodeConfig = DecodeConfig()
+    guide: StageResources = StageResources()
+    semantic: StageResources = StageResources()
+    read_cpus: float = 1.0
+    max_shards: int | None = None
+    on_bundle_change: Literal["error", "keep"] = "error"
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    resolved_config: dict[str, Any] = field(default_factory=dict, hash=False)  # secrets already redacted
+
+
+@dataclass
+class RunSummary:
+    output: str
+    shards_total: int
+    shards_skipped: int
+    shards_committed: int
+    images: int
+    errors: int
+    seconds: float
+    bundle_fingerprint: str
+    untrained_parts: list[str]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_tokenize(plan: TokenizePlan) -> RunSummary:
+    """Tokenize every input shard not yet committed under `plan.output`."""
+    import ray
+
+    started = time.monotonic()
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    uris = list_shards(plan.inputs, plan.storage_options or None)
+    root = common_root(uris)
+    ids = {shard_id(u, root): u for u in uris}
+    if len(ids) != len(uris):
+        raise ValueError("two input shards map to the same shard id; give inputs under one common root")
+    layout, info = _layout(plan)
+    plan = dataclasses.replace(plan, source=dataclasses.replace(plan.source, expected_hashes=info["part_hashes"]))
+    committed = layout.committed()
+    _check_bundle(committed, info["bundle_fingerprint"], plan.on_bundle_change)
+    pending = [sid for sid in sorted(ids) if sid not in committed]
+    if plan.max_shards is not None:
+        pending = pending[: plan.max_shards]
+    logger.info("%d input shards: %d already committed, %d to do", len(ids), len(committed), len(pending))
+    writer = CorpusWriter(layout, {sid: ids[sid] for sid in pending}, run_id)
+    if pending:
+        if not ray.is_initialized():
+            ray.init()
+        dataset = _build_dataset(plan, [(sid, ids[sid]) for sid in pending])
+        _drain(dataset, writer, total=len(pending))
+    summary = RunSummary(
+        output=plan.output, shards_total=len(ids), shards_skipped=len(committed), shards_committed=len(writer.done),
+        images=sum(m["rows"] for m in writer.done.values()), errors=sum(m["errors"] for m in writer.done.values()),
+        seconds=time.monotonic() - started, bundle_fingerprint=info["bundle_fingerprint"],
+        untrained_parts=info["untrained_parts"],
+    )
+    _write_manifest(plan, layout, run_id, summary, info)
+    return summary
+
+
+def _layout(plan: TokenizePlan) -> tuple[CorpusLayout, dict[str, Any]]:
+    parts = tuple(p for p in ("guide", "semantic") if plan.streams in (p, "both"))
+    tokenizer = plan.source.load(parts)  # once on the driver: fingerprint, token widths, vocab sizes
+    info: dict[str, Any] = {
+        "schema_version": S.CORPUS_SCHEMA_VERSION, "bundle": plan.source.spec,
+        "bundle_fingerprint": tokenizer.fingerprint, "part_hashes": tokenizer.info.part_hashes, "preset": tokenizer.info.preset,
+        "weights": tokenizer.info.sources, "untrained_parts": tokenizer.info.untrained_parts,
+        "image_size": plan.decode.size,
+    }
+    guide_len = semantic_len = None
+    if "guide" in parts:
+        guide_len = tokenizer.guide_grid**2
+        info.update(guide_grid=tokenizer.guide_grid, guide_size=tokenizer.guide_size, guide_vocab=tokenizer.guide_vocab)
+    if "semantic" in parts:
+        semantic_len = tokenizer.num_semantic_tokens
+        info.update(semantic_tokens=semantic_len, semantic_vocab=tokenizer.semantic_vocab)
+    layout = CorpusLayout(plan.output, guide_len, semantic_len, info, plan.storage_options)
+    return layout, info
+
+
+def _check_bundle(committed: dict[str, dict[str, Any]], fingerprint: str, policy: str) -> None:
+    others = sorted({m.get("bundle_fingerprint") for m in committed.values()} - {fingerprint})
+    if others and policy == "error":
+        raise BundleMismatchError(
+            f"the output holds shards made by bundle(s) {others}, this run uses {fingerprint}; write to a new "
+            "output, or set on_bundle_change=keep to keep them and tokenize only the new shards"
+        )
+
+
+def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]]) -> Any:
+    import ray
+
+    items = [{S.SHARD: sid, S.SHARD_URI: uri} for sid, uri in shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(ReadShards(plan.storage_options), batch_size=1, num_cpus=plan.read_cpus)
+    ds = ds.map_batches(DecodeImages(plan.decode), batch_size=32, num_cpus=plan.read_cpus)
+    if plan.streams in ("guide", "both"):
+        ds = add_actor_stage(ds, EncodeGuideTokens, plan.guide, source=plan.source)
+    if plan.streams in ("semantic", "both"):
+        ds = add_actor_stage(ds, EncodeSemanticTokens, plan.semantic, source=plan.source)
+    return ds.drop_columns([S.IMAGE])
+
+
+def _drain(dataset: Any, writer: CorpusWriter, total: int) -> None:
+    done = 0
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for marker in writer.add(batch):
+            done += 1
+            logger.info("committed shard %s: %d rows, %d errors (%d/%d shards this run)",
+                        marker["shard"], marker["rows"], marker["errors"], done, total)
+    if writer.pending:
+        raise RuntimeError(f"the pipeline ended with shards still incomplete: {sorted(writer.pending)}")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _write_manifest(plan: TokenizePlan, layout: CorpusLayout, run_id: str, summary: RunSummary,
+                    info: dict[str, Any]) -> None:
+    markers = layout.committed()
+    manifest = {
+        "run_id": run_id, "kind": "tokenize", "config": plan.resolved_config, "versions": package_versions(),
+        "bundle": info,
+        "this_run": {"shards_committed": summary.shards_committed, "shards_skipped": summary.shards_skipped,
+                     "images": summary.images, "errors": summary.errors, "seconds": round(summary.seconds, 3),
+                     "images_per_second": round(summary.images_per_second, 3)},
+        "corpus": {"shards": len(markers), "rows": sum(m["rows"] for m in markers.values()),
+                   "errors": sum(m["errors"] for m in markers.values()),
+                   "samples": sum(m["samples"] for m in markers.values()),
+                   "bundles": sorted({m.get("bundle_fingerprint") for m in markers.values()}),
+                   "per_shard": {sid: {k: m[k] for k in ("samples", "rows", "errors", "bundle_fingerprint")}
+                                 for sid, m in sorted(markers.items())}},
+    }
+    fs, _ = filesystem(plan.output, plan.storage_options or None)
+    body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+    commit_bytes(fs, fs._strip_protocol(layout.path(RUNS_DIR, f"{run_id}.json")), body)
+    commit_bytes(fs, fs._strip_protocol(layout.path("manifest.json")), body)

@@ -1,0 +1,165 @@
+"""The tokenize pipeline end to end: loopback S3 in, loopback S3 out, on a local Ray cluster."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dualtok_core.bundle import DualTokenizer
+from jobs.cli import main as cli
+from pipelines import schemas as S
+from pipelines.decode import DecodeConfig, decode_image
+from tests.shard_factory import encode, photo_images, sample_members, tar_bytes
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def write_good_shards(fs, prefix: str, shards: int, per_shard: int, seed: int = 0) -> dict[str, bytes]:
+    """Shards in img2dataset's layout; returns key -> JPEG bytes."""
+    images = photo_images(shards * per_shard, seed=seed)
+    by_key = {}
+    for s in range(shards):
+        members = []
+        for i in range(per_shard):
+            key = f"{s:05d}{i:04d}"
+            data = encode(images[s * per_shard + i], quality=90)
+            by_key[key] = data
+            members += sample_members(key, data, f"photo {key}")
+            members.append((f"{key}.json", json.dumps({"key": key}).encode()))
+        fs.pipe_file(f"{prefix}/{s:05d}.tar", tar_bytes(members))
+        fs.pipe_file(f"{prefix}/{s:05d}_stats.json", b"{}")
+    return by_key
+
+
+def read_corpus(fs, prefix: str):
+    fs.invalidate_cache()  # s3fs caches listings; the job wrote from other processes
+    files = sorted(p for p in fs.find(f"{prefix}/data") if p.endswith(".parquet"))
+    return pq.ParquetDataset(files, filesystem=fs).read()
+
+
+def read_errors(fs, prefix: str):
+    fs.invalidate_cache()
+    files = sorted(p for p in fs.find(f"{prefix}/errors") if p.endswith(".parquet"))
+    return pq.ParquetDataset(files, filesystem=fs).read()
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    return DualTokenizer.from_preset("tiny", seed=0, parts=("guide", "semantic"))
+
+
+def test_s3_to_s3_every_sample_accounted_and_tokens_match(ray_session, s3, tiny_tokenizer):
+    fs = s3.filesystem()
+    bucket = s3.new_bucket()
+    by_key = write_good_shards(fs, f"{bucket}/shards", shards=3, per_shard=5)
+    assert cli(["tokenize", f"inputs=s3://{bucket}/shards/{{00000..00002}}.tar", f"output=s3://{bucket}/corpus",
+                "bundle=tiny", "guide.batch_size=4", "semantic.batch_size=4"]) == 0
+
+    table = read_corpus(fs, f"{bucket}/corpus")
+    assert table.num_rows == 15 and len(set(table[S.KEY].to_pylist())) == 15
+    assert table.schema.field(S.GUIDE_TOKENS).type == S.corpus_schema(64, 32, {}).field(S.GUIDE_TOKENS).type
+    meta = S.read_metadata(pq.read_schema(fs.open(f"{bucket}/corpus/data/00000.parquet")))
+    # the fingerprint covers the parts that made the tokens; per-part hashes let audits match bundles
+    assert meta["bundle_fingerprint"] == tiny_tokenizer.fingerprint and meta["untrained_parts"]
+    assert meta["part_hashes"] == tiny_tokenizer.info.part_hashes
+
+    keys = table[S.KEY].to_pylist()
+    pixels = np.stack([decode_image(by_key[k], DecodeConfig(size=256)).pixels for k in keys])
+    expected = tiny_tokenizer.tokenize(pixels)
+    np.testing.assert_array_equal(np.stack(table[S.GUIDE_TOKENS].to_numpy(zero_copy_only=False)), expected.guide)
+    np.testing.assert_array_equal(np.stack(table[S.SEMANTIC_TOKENS].to_numpy(zero_copy_only=False)), expected.semantic)
+    assert table[S.CAPTION].to_pylist() == [f"photo {k}" for k in keys]
+
+    manifest = json.loads(fs.cat_file(f"{bucket}/corpus/manifest.json"))
+    assert manifest["corpus"]["rows"] + manifest["corpus"]["errors"] == manifest["corpus"]["samples"] == 15
+    assert "dualtok-test-secret-value" not in json.dumps(manifest)
+
+    # rerun: nothing redone; a new shard is picked up incrementally
+    markers_before = {p: fs.cat_file(p) for p in fs.find(f"{bucket}/corpus/_committed")}
+    write_good_shards(fs, f"{bucket}/more", shards=1, per_shard=3, seed=7)
+    fs.copy(f"{bucket}/more/00000.tar", f"{bucket}/shards/00003.tar")
+    assert cli(["tokenize", f"inputs=s3://{bucket}/shards/", f"output=s3://{bucket}/corpus", "bundle=tiny"]) == 0
+    assert {p: fs.cat_file(p) for p in markers_before} == markers_before
+    assert read_corpus(fs, f"{bucket}/corpus").num_rows == 18
+
+
+def test_corpus_reads_in_polars_and_duckdb(ray_session, tmp_path):
+    import duckdb
+    import polars as pl
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    images = photo_images(4, seed=3)
+    members = sum((sample_members(f"k{i}", encode(im), None) for i, im in enumerate(images)), [])
+    (shards / "a.tar").write_bytes(tar_bytes(members))
+    out = tmp_path / "corpus"
+    assert cli(["tokenize", f"inputs={shards}", f"output={out}", "bundle=tiny", "streams=guide"]) == 0
+    frame = pl.read_parquet(str(out / "data" / "*.parquet"))
+    assert frame.height == 4 and frame.schema[S.GUIDE_TOKENS] == pl.Array(pl.UInt16, 64)
+    assert S.SEMANTIC_TOKENS not in frame.columns and frame[S.CAPTION].null_count() == 4
+    rows = duckdb.sql(f"select key, len(guide_tokens) from '{out}/data/*.parquet' order by key").fetchall()
+    assert rows == [(f"k{i}", 64) for i in range(4)]
+
+
+# ---- bad input ------------------------------------------------------------------------------
+def _odd_images() -> list[tuple[str, bytes, str]]:
+    """(name, bytes, ext) of images that must be normalised, not rejected."""
+    base = photo_images(1, seed=5)[0]
+    pil = Image.fromarray(base)
+    sixteen = (np.asarray(pil.convert("L")).astype(np.uint16) * 257)
+    return [
+        ("cmyk", encode(pil.convert("CMYK"), "JPEG"), "jpg"),
+        ("gray16", encode(Image.fromarray(sixteen), "PNG"), "png"),
+        ("palette", encode(pil.convert("P"), "PNG"), "png"),
+        ("alpha", encode(pil.convert("RGBA"), "PNG"), "png"),
+        ("gray", encode(pil.convert("L"), "JPEG"), "jpg"),
+        ("webp", encode(pil, "WEBP"), "webp"),
+    ]
+
+
+def test_bad_input_becomes_error_rows_with_reasons(ray_session, tmp_path):
+    good = encode(photo_images(1, seed=9)[0])
+    bomb = encode(Image.new("L", (9000, 8000)), "PNG")  # 72 Mpx, a few KB compressed
+    members = [*sample_members("000", good, "fine")]
+    members += [("001.jpg", b"this is not an image at all")]
+    members += [("002.jpg", b"")]
+    members += [("003.png", bomb)]
+    members += [("004.png", encode(Image.new("RGB", (8, 8))))]
+    members += [("005.jpg", good[: len(good) // 2])]  # truncated JPEG data
+    members += [("006.txt", b"caption without an image")]
+    members += [("../escape/007.jpg", good)]
+    members += [("008.jpg", good), ("009.jpg", good), ("008.txt", b"again")]  # 008 reappears: duplicate
+    for name, data, ext in _odd_images():
+        members.append((f"odd_{name}.{ext}", data))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "bad.tar").write_bytes(tar_bytes(members))
+    truncated = tar_bytes(sample_members("t0", good, None) + sample_members("t1", good, None))
+    (shards / "cut.tar").write_bytes(truncated[: len(truncated) - len(good) // 2 - 1024])
+    out = tmp_path / "corpus"
+    assert cli(["tokenize", f"inputs={shards}/*.tar", f"output={out}", "bundle=tiny", "streams=guide"]) == 0
+
+    rows = pq.read_table(out / "data").to_pylist()
+    errors = pq.read_table(out / "errors").to_pylist()
+    reasons = {(e[S.SHARD], e[S.KEY]): (e[S.STAGE], e[S.REASON]) for e in errors}
+    good_keys = {(r[S.SHARD], r[S.KEY]) for r in rows}
+    assert {("bad", "000"), ("bad", "009"), ("cut", "t0")} <= good_keys
+    assert {("bad", f"odd_{n}") for n, _, _ in _odd_images()} <= good_keys
+    assert reasons[("bad", "001")][1].startswith("not a readable image")
+    assert reasons[("bad", "002")][1].startswith("empty image member")
+    assert reasons[("bad", "003")][1].startswith("decompression bomb")
+    assert reasons[("bad", "004")][1].startswith("image too small")
+    assert reasons[("bad", "005")][0] == "decode" and "corrupt image data" in reasons[("bad", "005")][1]
+    assert reasons[("bad", "006")][1].startswith("no image member")
+    assert reasons[("bad", None)][1].startswith("member '../escape/007.jpg' lies outside")
+    assert reasons[("bad", "008")][1].startswith("duplicate key") or reasons[("bad", "008")] is not None
+    assert reasons[("cut", None)][1].startswith("truncated or corrupt tar")
+    markers = [json.loads(p.read_text()) for p in (out / "_committed").glob("*.json")]
+    for marker in markers:
+        assert marker["rows"] + marker["errors"] == marker["samples"]
+    assert sum(m["samples"] for m in markers) == len(rows) + len(errors)
