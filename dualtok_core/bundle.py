@@ -178,7 +178,10 @@ class DualTokenizer:
     def to(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> "DualTokenizer":
         self.device, self.dtype = torch.device(device), dtype
         for module in self.parts.values():
-            module.to(device=self.device, dtype=dtype)
+            module.to(self.device)
+            current = next(module.parameters()).dtype
+            if current != dtype:  # diffusers warns on any dtype cast, so cast only when it changes
+                module.to(dtype)
         return self
 
     # ---- tokenize / detokenize ----------------------------------------------------------

@@ -18,6 +18,7 @@ import dualtok_core
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "presets": ("jobs.show_presets", "list the model presets with their parameter counts"),
     "shards": ("jobs.make_shards", "write WebDataset shards from a folder of images or a list of paths"),
+    "demo": ("jobs.demo", "build sample shards from bundled photos and tokenize them locally (no arguments)"),
     "tokenize": ("jobs.tokenize", "tokenize WebDataset shards into a Parquet token corpus (Ray Data)"),
 }
 
