@@ -12,6 +12,9 @@ import logging
 import sys
 
 import dualtok_core
+from dualtok_core.errors import DualtokError
+from pipelines.configuration import ConfigError
+from pipelines.storage import InputListingError
 
 # subcommand -> (module under jobs/, one-line help). Modules are imported only when chosen,
 # so `dualtok --version` does not pay for importing ray and torch.
@@ -20,6 +23,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("jobs.make_shards", "write WebDataset shards from a folder of images or a list of paths"),
     "demo": ("jobs.demo", "build sample shards from bundled photos and tokenize them locally (no arguments)"),
     "tokenize": ("jobs.tokenize", "tokenize WebDataset shards into a Parquet token corpus (Ray Data)"),
+    "submit": ("jobs.submit", "submit a job file to a Ray cluster's job server, once per (job, config, day)"),
+    "stack": ("jobs.local_stack", "start/stop a local Ray head with its job server and a loopback S3 endpoint"),
+    "manifests": ("jobs.manifests", "render the Kubernetes manifests (KubeRay RayCluster/RayJob/RayCronJob, CronJob)"),
 }
 
 
@@ -50,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args._module.run(args) or 0)
+    try:
+        return int(args._module.run(args) or 0)
+    except (ConfigError, DualtokError, InputListingError) as err:
+        # the user's input is wrong: say what, without a stack trace from deep inside
+        print(f"dualtok {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

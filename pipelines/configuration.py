@@ -35,7 +35,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
-        loaded = yaml.safe_load(text)
+        loaded = _parse_yaml(text, str(path))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -57,7 +57,15 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    node[parts[-1]] = _parse_yaml(raw, f"override {item!r}") if raw.strip() else ""
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        hint = " (quote values with {, [, : or #, e.g. 'inputs=[\"s3://b/{00000..00009}.tar\"]')"
+        raise ConfigError(f"{where}: not valid YAML: {err}{hint}") from err
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:

@@ -1,0 +1,145 @@
+"""The facade, presets, bundles, metrics and the package's import hygiene."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from skimage import data as skdata
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from dualtok_core.bundle import DualTokenizer
+from dualtok_core.errors import BundleError, ImageInputError, TokenInputError
+from dualtok_core.metrics import psnr, ssim
+from dualtok_core.presets import parameter_counts, preset_names
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> DualTokenizer:
+    return DualTokenizer.from_preset("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def photos() -> np.ndarray:
+    images = [skdata.astronaut(), skdata.chelsea(), skdata.coffee()]
+    return np.stack([np.ascontiguousarray(im[:300, :300]) for im in images])  # (3, 300, 300, 3)
+
+
+def test_dualtok_core_does_not_import_ray():
+    code = "import sys, dualtok_core.bundle, dualtok_core.metrics; assert 'ray' not in sys.modules, 'ray imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tokenize_shapes_dtypes_and_ranges(tiny, photos):
+    tokens = tiny.tokenize(photos)
+    assert tokens.guide.shape == (3, tiny.guide_grid**2) and tokens.guide.dtype == np.uint16
+    assert tokens.semantic.shape == (3, 32) and tokens.semantic.dtype == np.uint16
+    assert tokens.guide.max() < tiny.guide_vocab and tokens.semantic.max() < tiny.semantic_vocab
+    # a batch tokenizes the same as its images one by one (a pipeline batches rows arbitrarily)
+    single = [tiny.tokenize(photos[i : i + 1]) for i in range(3)]
+    np.testing.assert_array_equal(np.concatenate([t.guide for t in single]), tokens.guide)
+    np.testing.assert_array_equal(np.concatenate([t.semantic for t in single]), tokens.semantic)
+
+
+def test_guide_images_and_detokenize(tiny, photos):
+    tokens = tiny.tokenize(photos[:2])
+    guides = tiny.guide_images(tokens.guide)
+    assert guides.shape == (2, tiny.guide_size, tiny.guide_size, 3) and guides.dtype == np.uint8
+    out = tiny.detokenize(tokens.guide, tokens.semantic, size=64, steps=3, seed=5)
+    assert out.shape == (2, 64, 64, 3) and out.dtype == np.uint8
+    again = tiny.detokenize(tokens.guide, tokens.semantic, size=64, steps=3, seed=5)
+    np.testing.assert_array_equal(out, again)  # same seed, same image
+    bigger = tiny.detokenize(tokens.guide, tokens.semantic, size=128, steps=3, seed=5)
+    assert bigger.shape == (2, 128, 128, 3)  # output size is independent of the token count
+
+
+def test_save_load_round_trip_keeps_ids_and_fingerprint(tiny, photos, tmp_path):
+    tiny.save_pretrained(tmp_path / "bundle")
+    info = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert set(info["part_hashes"]) == {"guide", "semantic", "diffusion"}
+    assert all(src.startswith("random-init") for src in info["sources"].values())
+    loaded = DualTokenizer.from_pretrained(tmp_path / "bundle")
+    assert loaded.fingerprint == tiny.fingerprint
+    a, b = tiny.tokenize(photos), loaded.tokenize(photos)
+    np.testing.assert_array_equal(a.guide, b.guide)
+    np.testing.assert_array_equal(a.semantic, b.semantic)
+    guide_only = DualTokenizer.from_pretrained(tmp_path / "bundle", parts=("guide",))
+    assert set(guide_only.parts) == {"guide"}
+    with pytest.raises(BundleError, match="without its 'semantic' part"):
+        guide_only.encode_semantic(photos)
+
+
+def test_bundle_on_s3_loads(s3, tiny, photos):
+    bucket = s3.new_bucket()
+    uri = f"s3://{bucket}/bundles/tiny"
+    tiny.save_pretrained(uri)
+    loaded = DualTokenizer.from_pretrained(uri, parts=("guide", "semantic"))
+    np.testing.assert_array_equal(loaded.tokenize(photos).semantic, tiny.tokenize(photos).semantic)
+
+
+def test_bundle_errors_name_what_is_wrong(tiny, tmp_path):
+    with pytest.raises(BundleError, match="bundle.json is missing"):
+        DualTokenizer.from_pretrained(tmp_path)
+    tiny.save_pretrained(tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "semantic")
+    with pytest.raises(BundleError, match="no 'semantic' part"):
+        DualTokenizer.from_pretrained(tmp_path / "b")
+    # weights that do not match bundle.json's hash are refused
+    info = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    info["part_hashes"]["guide"] = "0" * 64
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps(info))
+    with pytest.raises(BundleError, match="guide weights do not match"):
+        DualTokenizer.from_pretrained(tmp_path / "b", parts=("guide",))
+    with pytest.raises(BundleError, match="unknown preset 'huge'"):
+        DualTokenizer.from_preset("huge")
+
+
+def test_bad_images_and_ids_get_clear_errors(tiny, photos):
+    with pytest.raises(ImageInputError, match="uint8"):
+        tiny.tokenize(photos.astype(np.float32))
+    with pytest.raises(ImageInputError, match="3 channels"):
+        tiny.tokenize(photos[..., :1])
+    with pytest.raises(ImageInputError, match="add a batch axis"):
+        tiny.tokenize(photos[0])
+    with pytest.raises(TokenInputError, match=r"must lie in \[0, "):
+        tiny.guide_images(np.full((1, tiny.guide_grid**2), tiny.guide_vocab, dtype=np.int64))
+    with pytest.raises(TokenInputError, match="shape"):
+        tiny.guide_images(np.zeros((1, 3), dtype=np.int64))
+    with pytest.raises(TokenInputError, match="integers"):
+        tiny.detokenize(np.zeros((1, tiny.guide_grid**2), np.float32), np.zeros((1, 32), np.int64))
+
+
+def test_presets_build_on_meta_with_the_paper_shapes():
+    assert preset_names() == ("tiny", "small", "paper")
+    counts = parameter_counts("paper")
+    # EVA ViT-g (~986M) + BERT-base Q-Former etc.; SD 1.x UNet+VAE+CLIP-L text (~1.07B); MoVQ-width guide
+    assert 1.2e9 < counts["semantic"] < 1.3e9
+    assert counts["diffusion"] == 1_066_235_307
+    assert 5e7 < counts["guide"] < 2e8
+    with torch.device("meta"):
+        from dualtok_core.presets import build_parts, get_preset
+
+        parts = build_parts(get_preset("paper"))
+    semantic = parts["semantic"]
+    assert semantic.vision_model.config.hidden_size == 1408 and semantic.vision_model.config.num_hidden_layers == 39
+    assert semantic.config.codebook_size == 8192 and semantic.config.gen_dim == 768
+    assert parts["diffusion"].cross_attention_dim == 768
+
+
+def test_psnr_and_ssim_match_scikit_image_on_real_photos():
+    rng = np.random.default_rng(0)
+    for image in (skdata.astronaut(), skdata.coffee()):
+        noisy = np.clip(image.astype(int) + rng.integers(-25, 26, image.shape), 0, 255).astype(np.uint8)
+        assert psnr(image, noisy)[0] == pytest.approx(peak_signal_noise_ratio(image, noisy, data_range=255), abs=1e-9)
+        expected = structural_similarity(image, noisy, channel_axis=-1, data_range=255)
+        assert ssim(image, noisy)[0] == pytest.approx(expected, abs=1e-9)
+    assert np.isinf(psnr(skdata.astronaut(), skdata.astronaut())[0])
+    with pytest.raises(ImageInputError, match="differ in shape"):
+        psnr(skdata.astronaut(), skdata.coffee())
