@@ -88,7 +88,8 @@ def test_s3_to_s3_every_sample_accounted_and_tokens_match(ray_session, s3, tiny_
     assert read_corpus(fs, f"{bucket}/corpus").num_rows == 18
 
 
-def test_corpus_reads_in_polars_and_duckdb(ray_session, tmp_path):
+def test_corpus_reads_in_polars_duckdb_and_hf_datasets(ray_session, tmp_path):
+    import datasets
     import duckdb
     import polars as pl
 
@@ -104,6 +105,10 @@ def test_corpus_reads_in_polars_and_duckdb(ray_session, tmp_path):
     assert S.SEMANTIC_TOKENS not in frame.columns and frame[S.CAPTION].null_count() == 4
     rows = duckdb.sql(f"select key, len(guide_tokens) from '{out}/data/*.parquet' order by key").fetchall()
     assert rows == [(f"k{i}", 64) for i in range(4)]
+    hf = datasets.load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train",
+                               cache_dir=str(tmp_path / "hf-cache"))
+    assert len(hf) == 4 and len(hf[0][S.GUIDE_TOKENS]) == 64
+    assert sorted(hf[S.KEY]) == [f"k{i}" for i in range(4)]
 
 
 # ---- bad input ------------------------------------------------------------------------------
