@@ -9,6 +9,7 @@ Rows are SAMPLE, ERROR or END (see `schemas.py`); encoders touch SAMPLE rows onl
 from __future__ import annotations
 
 import abc
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -151,6 +152,18 @@ class DecodeImages:
         return out
 
 
+@dataclass(frozen=True)
+class ReadAndDecode:
+    """ReadShards then DecodeImages in one task, so raw image bytes never cross the object store."""
+
+    read: ReadShards
+    decode: DecodeImages
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for rows in self.read(batch):
+            yield self.decode(rows)
+
+
 # ---- model stages ---------------------------------------------------------------------------
 class _EncodeTokens(abc.ABC):
     """Shared body of the encoder stages: load one branch once per actor, encode SAMPLE rows."""
@@ -223,7 +236,22 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-# ---- the one adapter ------------------------------------------------------------------------
+# ---- the adapters ------------------------------------------------------------------------
+def add_cpu_stage(ds: Any, stage: Any, num_cpus: float, batch_size: int) -> Any:
+    """Put a CPU stage on a dataset as tasks that Ray Data never fuses into a downstream actor.
+
+    With equal CPU requests Ray Data would fuse these tasks into the encoder actors, and decoding
+    would then run serially with model work on the actor instead of overlapping with it. A
+    `ray_remote_args_fn` is what keeps an operator out of fusion (ray.data operator_fusion).
+    """
+    return ds.map_batches(stage, batch_size=batch_size, num_cpus=num_cpus,
+                          ray_remote_args_fn=functools.partial(_task_args, num_cpus))
+
+
+def _task_args(num_cpus: float) -> dict[str, Any]:
+    return {"num_cpus": num_cpus}
+
+
 def add_actor_stage(ds: Any, stage_cls: type, resources: StageResources, **constructor_kwargs: Any) -> Any:
     """Put an encoder stage on a dataset as an actor pool holding one model per actor."""
     from ray.data import ActorPoolStrategy

@@ -25,7 +25,8 @@ from pipelines import schemas as S
 from pipelines.corpus import RUNS_DIR, CorpusLayout, CorpusWriter
 from pipelines.decode import DecodeConfig
 from pipelines.stages import (
-    BundleSource, DecodeImages, EncodeGuideTokens, EncodeSemanticTokens, ReadShards, StageResources, add_actor_stage,
+    BundleSource, DecodeImages, EncodeGuideTokens, EncodeSemanticTokens, ReadAndDecode, ReadShards, StageResources,
+    add_actor_stage, add_cpu_stage,
 )
 from pipelines.storage import commit_bytes, common_root, filesystem, list_shards, shard_id
 
@@ -143,8 +144,8 @@ def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]]) -> Any:
 
     items = [{S.SHARD: sid, S.SHARD_URI: uri} for sid, uri in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(ReadShards(plan.storage_options), batch_size=1, num_cpus=plan.read_cpus)
-    ds = ds.map_batches(DecodeImages(plan.decode), batch_size=32, num_cpus=plan.read_cpus)
+    read = ReadAndDecode(ReadShards(plan.storage_options), DecodeImages(plan.decode))
+    ds = add_cpu_stage(ds, read, num_cpus=plan.read_cpus, batch_size=1)  # one shard per task
     if plan.streams in ("guide", "both"):
         ds = add_actor_stage(ds, EncodeGuideTokens, plan.guide, source=plan.source)
     if plan.streams in ("semantic", "both"):
