@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("jobs.submit", "submit a job file to a Ray cluster's job server, once per (job, config, day)"),
     "stack": ("jobs.local_stack", "start/stop a local Ray head with its job server and a loopback S3 endpoint"),
     "manifests": ("jobs.manifests", "render the Kubernetes manifests (KubeRay RayCluster/RayJob/RayCronJob, CronJob)"),
+    "bundle": ("jobs.make_bundle", "assemble a bundle from released BLIP-2 / MoVQ / SD 1.x weights or a preset"),
 }
 
 

@@ -13,7 +13,6 @@ import torch
 from diffusers import (
     DDIMInverseScheduler,
     DDIMScheduler,
-    PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -31,6 +30,7 @@ from dualtok_core.diffusion import (
 )
 from dualtok_core.errors import BundleError, DualtokError, ImageInputError, TokenInputError
 from dualtok_core.imaging import check_uint8_images, resize_float, to_model_input
+from tests.released_formats import save_stable_diffusion
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -271,20 +271,10 @@ def test_a_missing_part_raises_a_bundle_error_naming_it(saved, tmp_path, part):
 
 def test_loads_a_folder_saved_by_stable_diffusion_pipeline(model, guide, cond, tmp_path):
     """What a real SD 1.x folder looks like: PNDM config, vocab.json + merges.txt, extra parts."""
-    pndm = PNDMScheduler.from_config({**SD_SCHEDULER_CONFIG, "skip_prk_steps": True})
-    pipe = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=pndm, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(tmp_path)
-    (tmp_path / "feature_extractor").mkdir()
-    (tmp_path / "feature_extractor" / "preprocessor_config.json").write_text('{"crop_size": 224}')
-    tokenizer_dir = tmp_path / "tokenizer"
-    for item in tokenizer_dir.iterdir():
-        item.unlink()
-    (tokenizer_dir / "vocab.json").write_text(json.dumps(model.tokenizer.get_vocab()))
-    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n")
-    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+    save_stable_diffusion(tmp_path, model.vae, model.unet, model.text_encoder, model.tokenizer)
+    assert sorted(p.name for p in (tmp_path / "tokenizer").iterdir()) == [
+        "merges.txt", "tokenizer_config.json", "vocab.json",
+    ]
     scheduler = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "PNDMScheduler"
     assert not (tmp_path / "safety_checker").exists()

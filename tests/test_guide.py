@@ -14,21 +14,11 @@ from skimage import data
 from dualtok_core.errors import BundleError, DualtokError, ImageInputError, TokenInputError
 from dualtok_core.guide import PRESETS, GuideConfigError, GuideVQModel, codebook_usage
 from dualtok_core.imaging import check_uint8_images, to_model_input
+from tests.released_formats import TINY_MOVQ, save_movq
 
 pytestmark = pytest.mark.timeout(120)
 
 TINY = PRESETS["tiny"]
-# A tiny MoVQ with Kandinsky 2.2's layout (attention last down / first up), widths the tiny
-# guide decoder can take whole.
-TINY_MOVQ = dict(
-    block_out_channels=(32, 32, 64, 64),
-    down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",),
-    up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3,
-    layers_per_block=1, latent_channels=4, vq_embed_dim=4, num_vq_embeddings=256,
-    norm_num_groups=32, norm_type="spatial",
-)
-
-
 def build(seed: int = 0, **overrides) -> GuideVQModel:
     torch.manual_seed(seed)
     return GuideVQModel(**{**TINY, **overrides})
@@ -203,11 +193,8 @@ def test_inconsistent_config_raises_guide_config_error(overrides, message):
 
 @pytest.fixture(scope="module")
 def movq_dir(tmp_path_factory):
-    torch.manual_seed(7)
-    movq = VQModel(**TINY_MOVQ)
     folder = tmp_path_factory.mktemp("movq")
-    movq.save_pretrained(folder)
-    return folder, movq.state_dict()
+    return folder, save_movq(folder, seed=7)
 
 
 def test_from_movq_copies_fitting_tensors_and_reports_the_rest(movq_dir):
@@ -238,8 +225,7 @@ def test_from_movq_reports_shape_mismatches_and_reads_shards(movq_dir, tmp_path)
     _, report = GuideVQModel.from_movq(folder, num_vq_embeddings=512)
     assert report.mismatched == {"quantize.embedding.weight": ((256, 4), (512, 4))}
     assert "quantize.embedding.weight" in report.left_random
-    torch.manual_seed(7)
-    VQModel(**TINY_MOVQ).save_pretrained(tmp_path / "movq", max_shard_size="300KB")
+    save_movq(tmp_path / "movq", seed=7, max_shard_size="300KB")
     assert (tmp_path / "movq" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     sharded, sharded_report = GuideVQModel.from_movq(tmp_path)  # a pipeline folder holding movq/
     assert torch.equal(sharded.state_dict()["decoder.conv_in.weight"], movq["decoder.conv_in.weight"])

@@ -7,18 +7,13 @@ import pytest
 import skimage.data
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import (
-    Blip2Config,
-    Blip2ForConditionalGeneration,
-    Blip2ForImageTextRetrieval,
-    BertTokenizerFast,
-    OPTConfig,
-)
+from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, BertTokenizerFast
 
 from dualtok_core.errors import BundleError, DualtokError, ImageInputError, TokenInputError
 from dualtok_core.imaging import check_uint8_images, to_model_input
 from dualtok_core.qformer import causal_query_mask
 from dualtok_core.semantic import PRESETS, STAGE_TRAINABLE, SemanticTokenizer, contrastive_loss
+from tests.released_formats import save_blip2
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -276,35 +271,6 @@ def test_bad_ids_and_targets_raise(images, captions):
 
 
 # ---- BLIP-2 initialisation -------------------------------------------------------------------
-TINY_VISION = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=16,
-)
-TINY_QFORMER = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=512,
-    max_position_embeddings=64, cross_attention_frequency=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-)
-TINY_OPT = dict(
-    hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32, vocab_size=99,
-    word_embed_proj_dim=16, max_position_embeddings=64,
-)
-
-
-def save_blip2(cls, path, text_input: bool):
-    torch.manual_seed(3)
-    config = Blip2Config(
-        vision_config=TINY_VISION,
-        qformer_config={**TINY_QFORMER, "use_qformer_text_input": text_input},
-        text_config=OPTConfig(**TINY_OPT).to_dict(),
-        num_query_tokens=32,
-        image_text_hidden_size=16,
-    )
-    model = cls(config).eval()
-    with torch.no_grad():  # transformers zero-initialises the queries; make them distinguishable
-        model.query_tokens.normal_(std=0.5)
-    model.save_pretrained(path)
-    return model
-
-
 def test_from_blip2_retrieval_copies_and_matches_transformers(tmp_path, images, captions):
     blip = save_blip2(Blip2ForImageTextRetrieval, tmp_path, text_input=True)
     model, report = SemanticTokenizer.from_blip2(tmp_path, causal_queries=False, **_tiny_heads())

@@ -1,0 +1,281 @@
+"""Assemble a `DualTokenizer` from released checkpoints, part by part (issue 2 item 6).
+
+- guide: a Kandinsky 2.2 MoVQ folder (diffusers `VQModel`, spatial norm) -> `GuideVQModel.from_movq`;
+  every tensor whose shape fits is copied, the deeper encoder's extra blocks stay random.
+- semantic: a BLIP-2 folder (transformers format) -> `SemanticTokenizer.from_blip2`; the ViT and
+  Q-Former are copied, SEED's codebook, embedding decoder and Reverse Q-Former stay random.
+- diffusion: a Stable Diffusion 1.x folder (diffusers format), loaded whole.
+
+A part without a checkpoint is random-initialised from the preset exactly as `from_preset` builds
+it. A checkpoint fixes its part's widths and depths; the preset gives everything the checkpoint
+does not define (guide size, SEED codebook and decoder shapes, generation width). Each part's
+`bundle.json` source says where its tensors came from and which stayed random: a part with any
+random tensor is marked `random-init`, since its tokens mean nothing until it is trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from dualtok_core.bundle import RANDOM_INIT, BundleInfo, DualTokenizer
+from dualtok_core.diffusion import DiffusionReconstructor
+from dualtok_core.errors import BundleError
+from dualtok_core.guide import GuideVQModel
+from dualtok_core.presets import PARTS, Preset, build_parts, check_compatible, get_preset
+from dualtok_core.qformer import blip2_config
+from dualtok_core.semantic import SemanticTokenizer
+
+logger = logging.getLogger(__name__)
+
+# What each part is loaded from, as reports and bundle.json name it.
+CHECKPOINT_KINDS = {"guide": "MoVQ", "semantic": "BLIP-2", "diffusion": "Stable Diffusion"}
+# GuideVQModel settings a MoVQ checkpoint fixes (`from_movq` reads them from its config.json).
+MOVQ_KEYS = frozenset({
+    "encoder_block_out_channels", "decoder_block_out_channels", "layers_per_block", "latent_channels",
+    "num_vq_embeddings", "vq_embed_dim", "norm_num_groups",
+})
+# SemanticTokenizer settings a BLIP-2 checkpoint fixes (`from_blip2` refuses overrides of them).
+BLIP2_KEYS = frozenset({"image_size", "vision_config", "qformer_config", "num_queries", "image_text_dim"})
+# The weight files of the three SD parts dualtok keeps (safetensors only: pickles are never read).
+_SD_WEIGHTS = {"vae": "diffusion_pytorch_model", "unet": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+@dataclass
+class PartReport:
+    """Where one part's tensors came from: the checkpoint, or left at their random init."""
+
+    part: str
+    origin: str | None  # the checkpoint's path or URI; None when the whole part is random-init
+    loaded: list[str] = field(default_factory=list)  # our tensor names filled from the checkpoint
+    left_random: list[str] = field(default_factory=list)  # our tensor names at their random init
+    random_modules: list[str] = field(default_factory=list)  # shortest prefixes holding only random tensors
+    # our name -> (checkpoint shape, our shape): tensors that did not fit and stayed random
+    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    unused: list[str] = field(default_factory=list)  # checkpoint tensors (or prefixes) nothing took
+
+    @property
+    def fully_loaded(self) -> bool:
+        return self.origin is not None and not self.left_random
+
+    def summary(self, max_modules: int = 8) -> str:
+        """One line: what was loaded from where, what stayed random (the first few modules)."""
+        if self.origin is None:
+            return f"random-init: all {len(self.left_random)} tensors"
+        text = f"{CHECKPOINT_KINDS[self.part]} {self.origin}: {len(self.loaded)} tensors loaded"
+        if self.left_random:
+            shown = ", ".join(self.random_modules[:max_modules])
+            more = len(self.random_modules) - max_modules
+            text += f", {len(self.left_random)} left random ({shown}{f', +{more} more' if more > 0 else ''})"
+        if self.mismatched:
+            text += f", {len(self.mismatched)} of them shape-mismatched ({', '.join(sorted(self.mismatched)[:3])})"
+        if self.unused:
+            more = f", +{len(self.unused) - 3} more" if len(self.unused) > 3 else ""
+            text += f"; unused from the checkpoint: {', '.join(self.unused[:3])}{more}"
+        return text
+
+    def provenance(self, preset: str, seed: int) -> str:
+        """The `bundle.json` source: starts with RANDOM_INIT whenever any tensor is random."""
+        random = f"{RANDOM_INIT} (preset {preset}, seed {seed})"
+        if self.origin is None:
+            return random
+        kind = CHECKPOINT_KINDS[self.part]
+        if not self.left_random:
+            return f"{kind} {self.origin} (all {len(self.loaded)} tensors)"
+        return (
+            f"{random} for {len(self.left_random)} of {len(self.loaded) + len(self.left_random)} tensors "
+            f"[{', '.join(self.random_modules)}]; the other {len(self.loaded)} from {kind} {self.origin}"
+        )
+
+
+def random_prefixes(names: list[str], random: set[str]) -> list[str]:
+    """The shortest dotted prefixes of `names` under which every tensor is in `random`."""
+    total, hit = Counter(), Counter()
+    for name in names:
+        pieces = name.split(".")
+        for depth in range(1, len(pieces) + 1):
+            prefix = ".".join(pieces[:depth])
+            total[prefix] += 1
+            hit[prefix] += name in random
+    groups = set()
+    for name in random:
+        pieces = name.split(".")
+        prefixes = (".".join(pieces[:depth]) for depth in range(1, len(pieces) + 1))
+        groups.add(next(p for p in prefixes if hit[p] == total[p]))
+    return sorted(groups)
+
+
+def _report(
+    part: str, origin: str | None, names: list[str], loaded: list[str], **extra: Any
+) -> PartReport:
+    random = set(names) - set(loaded)
+    return PartReport(
+        part=part, origin=origin, loaded=sorted(loaded), left_random=sorted(random),
+        random_modules=random_prefixes(names, random), **extra,
+    )
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, part: str) -> Iterator[None]:
+    """The random init of a part's leftover tensors: reproducible, on any thread count, and without
+    reseeding the caller's generator (same seed scheme as `presets.build_parts`)."""
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + PARTS.index(part))
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+# ---- per-part loaders ---------------------------------------------------------------------------
+
+
+def load_guide(
+    path: str | Path, preset: Preset, overrides: dict[str, Any], origin: str, seed: int
+) -> tuple[GuideVQModel, PartReport]:
+    """MoVQ's widths, depth and codebook; the preset's sizes; then `overrides`. Misfits stay random."""
+    settings = {key: value for key, value in preset.kwargs("guide").items() if key not in MOVQ_KEYS}
+    with _seeded(seed, "guide"):
+        model, movq = GuideVQModel.from_movq(path, **{**settings, **overrides})
+    report = _report(
+        "guide", origin, list(model.state_dict()), movq.loaded,
+        mismatched=dict(movq.mismatched), unused=list(movq.unused),
+    )
+    return model.eval(), report
+
+
+def load_semantic(path: str | Path, preset: Preset, origin: str, seed: int) -> tuple[SemanticTokenizer, PartReport]:
+    """BLIP-2's ViT and Q-Former shapes; SEED's codebook, decoder and Reverse Q-Former from the preset."""
+    settings = {key: value for key, value in preset.kwargs("semantic").items() if key not in BLIP2_KEYS}
+    with _seeded(seed, "semantic"):
+        model, blip = SemanticTokenizer.from_blip2(path, **settings)
+    report = _report("semantic", origin, list(model.state_dict()), blip.copied, unused=list(blip.unused_prefixes))
+    return model.eval(), report
+
+
+def load_diffusion(path: str | Path, origin: str) -> tuple[DiffusionReconstructor, PartReport]:
+    """The whole SD 1.x folder; the report compares our tensors with the names in its safetensors."""
+    root = Path(path)
+    in_files = {part: _safetensors_keys(root / part, stem) for part, stem in _SD_WEIGHTS.items()}
+    # fp32 whatever the release stores: a bundle's parts share one dtype (`DualTokenizer.to` casts later).
+    model = DiffusionReconstructor.from_stable_diffusion(root, dtype=torch.float32)
+    names = [name for name in model.state_dict() if name.split(".")[0] in _SD_WEIGHTS]
+    loaded = [name for name in names if name.partition(".")[2] in in_files[name.split(".")[0]]]
+    ours = set(names)
+    unused = sorted(f"{part}.{key}" for part, keys in in_files.items() for key in keys if f"{part}.{key}" not in ours)
+    return model, _report("diffusion", origin, names, loaded, unused=unused)
+
+
+def _safetensors_keys(folder: Path, stem: str) -> set[str]:
+    """Tensor names in a diffusers/transformers weights folder (single file or sharded), unread."""
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    elif (folder / f"{stem}.safetensors").is_file():
+        files = [folder / f"{stem}.safetensors"]
+    else:
+        raise BundleError(
+            f"{folder} has no {stem}.safetensors (or sharded index): released weights are read from "
+            "safetensors only; pickle checkpoints are not loaded"
+        )
+    keys: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            keys.update(handle.keys())
+    return keys
+
+
+# ---- cross-branch checks, before any weights are read -------------------------------------------
+
+
+def check_checkpoint_widths(preset: Preset, blip2: str | Path | None, stable_diffusion: str | Path | None) -> None:
+    """Refuse, by their configs alone, checkpoints whose widths the preset's other settings cannot take."""
+    semantic = preset.kwargs("semantic")
+    if blip2 is not None:
+        width = int(blip2_config(Path(blip2)).qformer_config.hidden_size)
+        heads = int(semantic["decoder_heads"])
+        if width % heads:
+            raise BundleError(
+                f"BLIP-2 checkpoint {blip2}: its Q-Former is {width} wide, which preset {preset.name}'s embedding "
+                f"decoder cannot split into {heads} heads (decoder_heads); use a preset whose decoder_heads "
+                f"divides {width}"
+            )
+    if stable_diffusion is not None:
+        config_file = Path(stable_diffusion) / "unet" / "config.json"
+        if not config_file.is_file():
+            raise BundleError(
+                f"{stable_diffusion} is not a Stable Diffusion folder in diffusers format: no unet/config.json"
+            )
+        cross = int(json.loads(config_file.read_text())["cross_attention_dim"])
+        if cross != int(semantic["gen_dim"]):
+            raise BundleError(
+                f"Stable Diffusion checkpoint {stable_diffusion}: its UNet cross-attends to {cross}-wide text "
+                f"features, but preset {preset.name}'s semantic branch makes {semantic['gen_dim']}-wide generation "
+                "embeddings (gen_dim); SD 1.x is 768 wide (the paper preset), SD 2.x's 1024 does not fit"
+            )
+
+
+def _check_guide_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    overrides = dict(overrides or {})
+    accepted = set(inspect.signature(GuideVQModel.__init__).parameters) - {"self"}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise BundleError(f"unknown guide setting(s) {unknown}; GuideVQModel takes {sorted(accepted)}")
+    return overrides
+
+
+# ---- the bundle -----------------------------------------------------------------------------------
+
+
+def assemble_bundle(
+    preset: str,
+    *,
+    blip2: str | Path | None,
+    movq: str | Path | None,
+    stable_diffusion: str | Path | None,
+    seed: int = 0,
+    guide_overrides: dict[str, Any] | None = None,
+    origins: dict[str, str] | None = None,
+) -> tuple[DualTokenizer, dict[str, PartReport]]:
+    """Each part from its released checkpoint folder when given, else random-init from `preset`.
+
+    `guide_overrides` are GuideVQModel settings applied last (e.g. `guide_size=32`); tensors they
+    reshape stay random and are reported. `origins` names each part's checkpoint in the reports and
+    `bundle.json` when the folders are local copies (part -> URI); the default is the folder path.
+    """
+    spec = get_preset(preset)
+    overrides = _check_guide_overrides(guide_overrides)
+    check_checkpoint_widths(spec, blip2, stable_diffusion)
+    folders = {"guide": movq, "semantic": blip2, "diffusion": stable_diffusion}
+    names = {part: str((origins or {}).get(part, folder)) for part, folder in folders.items()}
+
+    random_parts = tuple(part for part in PARTS if folders[part] is None)
+    parts: dict[str, torch.nn.Module] = {}
+    if random_parts:
+        # The preset as `from_preset` builds it (same seeds, same weights), with the guide overrides.
+        parts.update(build_parts(replace(spec, guide={**spec.guide, **overrides}), seed=seed, parts=random_parts))
+    reports = {part: _report(part, None, list(parts[part].state_dict()), []) for part in random_parts}
+    if movq is not None:
+        parts["guide"], reports["guide"] = load_guide(movq, spec, overrides, names["guide"], seed)
+    if blip2 is not None:
+        parts["semantic"], reports["semantic"] = load_semantic(blip2, spec, names["semantic"], seed)
+    if stable_diffusion is not None:
+        parts["diffusion"], reports["diffusion"] = load_diffusion(stable_diffusion, names["diffusion"])
+    check_compatible(parts)
+    parts = {part: parts[part] for part in PARTS}  # the bundle's part order, whatever loaded first
+    sources = {part: reports[part].provenance(preset, seed) for part in PARTS}
+    for part in PARTS:
+        logger.info("%s: %s", part, reports[part].summary())
+    return DualTokenizer(parts, BundleInfo(preset=preset, sources=sources)), {p: reports[p] for p in PARTS}
