@@ -191,10 +191,10 @@ def _command_line(pid: int) -> str:
     return result.stdout.strip()
 
 
-def _stop_group(pid: int, what: str, marker: str, grace_s: float = 15.0) -> None:
-    """SIGTERM the leader of process group `pid`, then SIGKILL whatever of the group is left after
-    `grace_s`. The leader first: `ray start --block` stops its node's processes itself on SIGTERM,
-    but hangs when they are signalled at the same time."""
+def _stop_group(pid: int, what: str, marker: str, grace_s: float = 5.0) -> None:
+    """Stop process group `pid`: SIGTERM its leader, then the whole group, then SIGKILL what is left.
+    The leader first: `ray start --block` stops its node's processes itself on SIGTERM when idle,
+    but after a job it may not, and then the group's processes must be signalled directly."""
     if pid <= 0 or not _group_alive(pid):
         return
     command = _command_line(pid)
@@ -202,18 +202,17 @@ def _stop_group(pid: int, what: str, marker: str, grace_s: float = 15.0) -> None
         # the pid was recycled by an unrelated process: not ours to signal
         logger.warning("%s: process %d is now %r, not the one this stack started; leaving it", what, pid, command)
         return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass  # the leader is gone; what is left of its group is killed below
-    deadline = time.monotonic() + grace_s
-    while _group_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if _group_alive(pid):
-        logger.info("%s (process group %d) still running after SIGTERM; sending SIGKILL", what, pid)
-        os.killpg(pid, signal.SIGKILL)
-        while _group_alive(pid) and time.monotonic() < deadline + 10:
+    for signal_group, sig in ((False, signal.SIGTERM), (True, signal.SIGTERM), (True, signal.SIGKILL)):
+        try:
+            os.killpg(pid, sig) if signal_group else os.kill(pid, sig)
+        except ProcessLookupError:
+            pass  # the leader is gone; the rest of its group is signalled next
+        deadline = time.monotonic() + grace_s
+        while _group_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
+        if not _group_alive(pid):
+            return
+        logger.info("%s (process group %d) still running after %s", what, pid, sig.name)
 
 
 def _group_alive(pgid: int) -> bool:
