@@ -66,3 +66,41 @@ def read_metadata(schema: pa.Schema) -> dict[str, Any]:
     """The dualtok metadata a corpus file carries (fingerprint, grid, vocab sizes, versions)."""
     raw = (schema.metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}
+
+
+# ---- training metrics (jobs/train_state.py) -------------------------------------------------
+# `<storage_path>/<run>/metrics/<last step>.jsonl` (one file per checkpoint interval) and
+# `<run>/metrics.jsonl` (all, in step order): one JSON object per optimizer step, global over
+# the workers. Loss terms of other stages are absent from a row (null when read with this schema).
+TRAIN_STEP, TRAIN_EPOCH, TRAIN_LR, TRAIN_LOSS = "step", "epoch", "lr", "loss"
+TRAIN_GRAD_NORM, TRAIN_SECONDS, TRAIN_IMAGES_PER_SECOND = "grad_norm", "step_seconds", "images_per_second"
+TRAIN_RESUMED_FROM = "resumed_from"  # the checkpoint step this worker group started from (0: fresh)
+TRAIN_CODEBOOK_USAGE, TRAIN_CODEBOOK_PERPLEXITY = "codebook_usage", "codebook_perplexity"
+TRAIN_DEAD_CODES = "dead_codes_restarted"
+# The stage modules' loss terms (dualtok_core/training_stages.py), by stage.
+TRAIN_LOSS_TERMS = {
+    "guide": ("recon_loss", "codebook_loss", "commitment_loss"),
+    "qformer": ("contrastive_loss", "temperature"),
+    "codebook": ("cosine_loss", "codebook_loss", "commitment_loss"),
+    "reverse": ("generation_loss",),
+}
+
+TRAIN_METRICS_SCHEMA = pa.schema(
+    [
+        pa.field(TRAIN_STEP, pa.int64(), nullable=False),
+        pa.field(TRAIN_EPOCH, pa.int64(), nullable=False),
+        pa.field(TRAIN_LR, pa.float64(), nullable=False),
+        pa.field(TRAIN_LOSS, pa.float64(), nullable=False),
+        pa.field(TRAIN_GRAD_NORM, pa.float64(), nullable=False),
+        pa.field(TRAIN_SECONDS, pa.float64(), nullable=False),
+        pa.field(TRAIN_IMAGES_PER_SECOND, pa.float64(), nullable=False),
+        pa.field(TRAIN_RESUMED_FROM, pa.int64(), nullable=False),
+        pa.field(TRAIN_CODEBOOK_USAGE, pa.float64(), nullable=True),
+        pa.field(TRAIN_CODEBOOK_PERPLEXITY, pa.float64(), nullable=True),
+        pa.field(TRAIN_DEAD_CODES, pa.int64(), nullable=True),
+        *[
+            pa.field(term, pa.float64(), nullable=True)
+            for term in dict.fromkeys(t for terms in TRAIN_LOSS_TERMS.values() for t in terms)
+        ],
+    ]
+)

@@ -1,0 +1,144 @@
+"""From a stage's job config to everything the driver, the workers and the export need.
+
+Resolved once on the driver, before Ray starts anything: the input bundle's parts and
+fingerprint (workers check they load the same weights), the trained branch's input size, the
+Q-Former's text tokenizer, the run's layout on storage and the worker resources.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from dualtok_core.bundle import BUNDLE_SCHEMA_VERSION, BundleInfo
+from dualtok_core.errors import BundleError
+from dualtok_core.presets import get_preset
+from dualtok_core.training import LRSchedule
+from dualtok_core.training_stages import stage_class
+from jobs.train import TrainConfig, default_run_name, resolved_config
+from jobs.train_state import ExportRequest, RunLayout, available_parts, bundle_text_tokenizer
+from jobs.train_worker import WorkerPlan
+from pipelines.stages import BundleSource
+from pipelines.storage import commit_bytes, filesystem, join, list_shards
+from pipelines.training_data import TrainingDataConfig, load_text_tokenizer, training_dataset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    config: TrainConfig
+    layout: RunLayout
+    worker: WorkerPlan
+    export: ExportRequest
+    data: TrainingDataConfig
+    input_fingerprint: str
+    resources_per_worker: dict[str, float] | None = field(default=None, hash=False)
+
+    def dataset(self) -> Any:
+        """The Ray Data dataset of the inputs' training rows (lazy; streamed by the workers)."""
+        shards = list_shards(list(self.config.inputs), self.data.storage_options or None)
+        logger.info("training %s on %d shards", self.config.STAGE, len(shards))
+        return training_dataset(shards, self.data)
+
+    def write_run_record(self) -> None:
+        """`<run>/run.json`: the resolved config, package versions and the input bundle, per attempt."""
+        from pipelines.tokenize import package_versions
+
+        record = {"config": resolved_config(self.config), "versions": package_versions(),
+                  "input": {"bundle": self.config.bundle, "fingerprint": self.input_fingerprint,
+                            "part_hashes": dict(self.worker.source.expected_hashes)}}
+        fs, _ = filesystem(self.layout.run_dir, self.layout.storage_options or None)
+        body = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+        commit_bytes(fs, fs._strip_protocol(self.layout.path("run.json")), body)
+
+
+def plan_training(config: TrainConfig) -> TrainPlan:
+    stage = stage_class(config.STAGE)
+    options = config.storage.storage_options()
+    source = BundleSource(config.bundle, seed=config.seed, storage_options=options)
+    parts = available_parts(source)
+    needed = (stage.part, "diffusion") if config.STAGE == "reverse" else (stage.part,)
+    missing = [p for p in needed if p not in parts]
+    if missing:
+        raise BundleError(f"the {config.STAGE} stage needs the {', '.join(missing)} part(s); {config.bundle} lacks them")
+    info = _input_info(source, parts)
+    source = dataclasses.replace(source, expected_hashes={p: info.part_hashes[p] for p in needed})
+    part_config = _part_config(source, stage.part)
+    layout = RunLayout(config.storage_path, config.name or default_run_name(config.STAGE, config.output), options)
+    text_tokenizer = _text_tokenizer(config, source, part_config)
+    provenance = (f"trained: stage {config.STAGE}, run {layout.name}, steps {config.steps}, "
+                  f"from {info.fingerprint}")
+    resources = dict(config.resources_per_worker) or None
+    return TrainPlan(
+        config=config, layout=layout,
+        worker=_worker_plan(config, source, layout, info.fingerprint, text_tokenizer, resources),
+        export=ExportRequest(stage=config.STAGE, source=source, output=config.output, provenance=provenance,
+                             init_from_movq=getattr(config, "init_from_movq", None), text_tokenizer=text_tokenizer,
+                             storage_options=options),
+        data=TrainingDataConfig(image_size=int(part_config["image_size"]), require_captions=stage.needs_captions,
+                                read_cpus=config.read_cpus, storage_options=options),
+        input_fingerprint=info.fingerprint, resources_per_worker=resources,
+    )
+
+
+def _worker_plan(
+    config: TrainConfig, source: BundleSource, layout: RunLayout, fingerprint: str, text_tokenizer: str | None,
+    resources: dict[str, float] | None,
+) -> WorkerPlan:
+    schedule = LRSchedule(lr=config.lr, total_steps=config.steps, warmup_steps=config.warmup_steps,
+                          warmup_lr=config.warmup_lr, min_lr=config.min_lr)
+    return WorkerPlan(
+        stage=config.STAGE, source=source, layout=layout, steps=config.steps,
+        checkpoint_every=config.checkpoint_every, batch_size=config.batch_size,
+        grad_accumulation=config.grad_accumulation, schedule=schedule, weight_decay=config.weight_decay,
+        betas=(config.beta1, config.beta2), max_grad_norm=config.max_grad_norm,
+        mixed_precision=config.mixed_precision, seed=config.seed, input_fingerprint=fingerprint,
+        text_tokenizer=text_tokenizer, max_text_length=getattr(config, "max_text_length", 32),
+        label_smoothing=getattr(config, "label_smoothing", 0.1),
+        init_from_movq=getattr(config, "init_from_movq", None),
+        dead_code_every=getattr(config, "dead_code_every", 0), shuffle_buffer=config.shuffle_buffer,
+        # Ray sets OMP_NUM_THREADS from the worker's CPUs; torch follows the same count explicitly.
+        torch_threads=max(1, int((resources or {}).get("CPU", 1))),
+    )
+
+
+def _input_info(source: BundleSource, parts: tuple[str, ...]) -> BundleInfo:
+    """The input's part hashes: built for a preset, read from bundle.json for a bundle (weights are
+    re-hashed where they are loaded)."""
+    if source.is_preset:
+        return source.load(parts).info
+    fs, root = filesystem(join(source.spec, "bundle.json"), source.storage_options or None)
+    if not fs.exists(root):
+        raise BundleError(f"{source.spec} is not a dualtok bundle: bundle.json is missing")
+    data = json.loads(fs.cat_file(root))
+    if data.get("schema_version") != BUNDLE_SCHEMA_VERSION:
+        raise BundleError(f"{source.spec}: bundle schema_version {data.get('schema_version')} is not {BUNDLE_SCHEMA_VERSION}")
+    info = BundleInfo(**data)
+    info.part_hashes = {p: h for p, h in info.part_hashes.items() if p in parts}
+    return info
+
+
+def _part_config(source: BundleSource, part: str) -> dict[str, Any]:
+    """The trained branch's constructor config (image size, vocab size), without loading weights."""
+    if source.is_preset:
+        return get_preset(source.spec).kwargs(part)
+    fs, path = filesystem(join(source.spec, part, "config.json"), source.storage_options or None)
+    return json.loads(fs.cat_file(path))
+
+
+def _text_tokenizer(config: TrainConfig, source: BundleSource, semantic_config: dict[str, Any]) -> str | None:
+    """The qformer stage's text tokenizer (from the config or the bundle), checked against the Q-Former."""
+    if config.STAGE != "qformer":
+        return None
+    uri = getattr(config, "text_tokenizer", None) or bundle_text_tokenizer(source)
+    if uri is None:
+        raise BundleError(
+            f"the qformer stage needs the Q-Former's text tokenizer: {config.bundle} has no semantic/tokenizer/, "
+            "so give text_tokenizer=<folder or URI> (a BERT-style tokenizer in transformers' format)"
+        )
+    load_text_tokenizer(uri, int(semantic_config["qformer_config"]["vocab_size"]), source.storage_options or None)
+    return uri
