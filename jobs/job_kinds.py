@@ -8,6 +8,10 @@ in `jobs/manifests.py`. A job *file* names a kind and carries that kind's config
     config:                  # the keys of the kind's config type (e.g. TokenizeConfig)
       inputs: [s3://bucket/shards/]
       output: s3://bucket/corpus
+    date_subfolder: output   # optional: each run writes under <output>/<YYYY-MM-DD> (UTC)
+
+A scheduled job whose output must differ per run (an audit samples once per output folder) names
+that key in `date_subfolder`; a retry on the same day writes into the same folder and resumes.
 
 Config types are named, not imported, so that reading the table costs nothing and a kind whose
 module does not exist yet fails only when it is used.
@@ -16,7 +20,9 @@ module does not exist yet fails only when it is used.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import importlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +48,7 @@ class JobKind:
     name: str
     command: tuple[str, ...]  # the dualtok subcommand and its positional arguments
     config_type: str  # "module:Class"
-    workers: WorkerShape
+    workers: WorkerShape | None  # None: the driver does all the work (on the head)
     active_deadline_s: int  # a RayJob running longer than this is failed (and retried)
 
     def entrypoint(self, config_path: str) -> list[str]:
@@ -63,18 +69,18 @@ class JobKind:
 _ONE_GPU = WorkerShape(gpus=1, cpus=8, memory="48Gi", min_replicas=0, max_replicas=16)
 _EIGHT_GPUS = WorkerShape(gpus=8, cpus=64, memory="480Gi", min_replicas=1, max_replicas=1)
 _DAY = 24 * 3600
+_PLAIN_URI = re.compile(r"^[A-Za-z0-9_.:/@+=,%~-]+$")  # safe inside a double-quoted shell word
 
 KINDS: dict[str, JobKind] = {
     kind.name: kind
     for kind in (
         JobKind("tokenize", ("tokenize",), "jobs.tokenize:TokenizeConfig", _ONE_GPU, _DAY),
-        JobKind("audit", ("audit",), "jobs.audit:AuditConfig",
-                dataclasses.replace(_ONE_GPU, max_replicas=4), 6 * 3600),
-        JobKind("stats", ("stats",), "jobs.audit:StatsConfig",
-                WorkerShape(gpus=0, cpus=8, memory="32Gi", min_replicas=0, max_replicas=4), 6 * 3600),
+        JobKind("audit", ("audit",), "jobs.audit:AuditConfig", dataclasses.replace(_ONE_GPU, max_replicas=4), _DAY),
+        JobKind("stats", ("stats",), "jobs.stats:StatsConfig", None, 6 * 3600),
         *(
-            JobKind(f"train-{stage}", ("train", stage), "jobs.train:TrainConfig", _EIGHT_GPUS, 7 * _DAY)
-            for stage in ("guide", "qformer", "codebook", "reverse")
+            JobKind(f"train-{stage}", ("train", stage), f"jobs.train:{cls}TrainConfig", _EIGHT_GPUS, 7 * _DAY)
+            for stage, cls in (("guide", "Guide"), ("qformer", "QFormer"), ("codebook", "Codebook"),
+                               ("reverse", "Reverse"))
         ),
     )
 }
@@ -94,6 +100,21 @@ class JobFile:
     kind: JobKind
     raw_config: dict[str, Any]
     config: Any  # an instance of kind.load_config_type()
+    date_subfolder: str | None = None  # config key whose value gets /<YYYY-MM-DD> appended per run
+
+    def config_for(self, date: dt.date) -> dict[str, Any]:
+        """The config a run on `date` uses: `date_subfolder`'s value gets `/<date>` appended."""
+        if self.date_subfolder is None:
+            return dict(self.raw_config)
+        base = str(self.raw_config[self.date_subfolder]).rstrip("/")
+        return {**self.raw_config, self.date_subfolder: f"{base}/{date.isoformat()}"}
+
+    def dated_override(self) -> list[str]:
+        """The same, as a shell word for an entrypoint that a shell runs at run time (RayJobs)."""
+        if self.date_subfolder is None:
+            return []
+        base = str(self.raw_config[self.date_subfolder]).rstrip("/")
+        return [f'"{self.date_subfolder}={base}/$(date -u +%F)"']
 
 
 def read_job_file(path: str | Path) -> JobFile:
@@ -105,16 +126,21 @@ def read_job_file(path: str | Path) -> JobFile:
         raise ConfigError(f"{path}: cannot read the job file: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a job file is a mapping with keys 'job' and 'config'")
-    unknown = sorted(set(data) - {"job", "config"})
+    unknown = sorted(set(data) - {"job", "config", "date_subfolder"})
     if unknown or "job" not in data:
-        raise ConfigError(f"{path}: a job file has exactly the keys 'job' and 'config' (got {sorted(data)})")
+        raise ConfigError(f"{path}: a job file has the keys 'job', 'config' and optionally 'date_subfolder' "
+                          f"(got {sorted(data)})")
     kind = get_kind(str(data["job"]))
     raw = data.get("config") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: 'config' must be a mapping of {kind.config_type} keys")
     config = from_dict(kind.load_config_type(), raw)
     _refuse_secrets(config, path)
-    return JobFile(path=path, kind=kind, raw_config=raw, config=config)
+    dated = data.get("date_subfolder")
+    if dated is not None and not (isinstance(raw.get(dated), str) and _PLAIN_URI.match(raw[dated])):
+        raise ConfigError(f"{path}: date_subfolder {dated!r} must name a config key that holds a path or URI "
+                          "(no spaces, quotes or $)")
+    return JobFile(path=path, kind=kind, raw_config=raw, config=config, date_subfolder=dated)
 
 
 def _refuse_secrets(config: Any, path: Path, where: str = "") -> None:

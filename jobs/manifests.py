@@ -14,6 +14,7 @@ Secrets and the service account's cloud role; the manifests name them and never 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -126,15 +127,17 @@ def worker_group(cfg: ManifestsConfig, shape: WorkerShape) -> dict[str, Any]:
 
 
 def cluster_spec(cfg: ManifestsConfig, shapes: list[WorkerShape]) -> dict[str, Any]:
-    return {
+    spec = {
         "rayVersion": cfg.ray_version,
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": cfg.idle_timeout_s},
         # the operator injects RAY_AUTH_MODE/RAY_AUTH_TOKEN from this Secret into every Ray container
         "authOptions": {"mode": "token", "secretName": cfg.auth_secret},
         "headGroupSpec": head_group(cfg),
-        "workerGroupSpecs": [worker_group(cfg, s) for s in shapes],
     }
+    if shapes:
+        spec["workerGroupSpecs"] = [worker_group(cfg, s) for s in shapes]
+    return spec
 
 
 # ---- resources ------------------------------------------------------------------------------
@@ -144,14 +147,15 @@ def _meta(cfg: ManifestsConfig, name: str, component: str, **extra: Any) -> dict
 
 def rayjob_spec(cfg: ManifestsConfig, name: str, job: JobFile) -> dict[str, Any]:
     return {
-        "entrypoint": " ".join(job.kind.entrypoint(f"{CONFIG_DIR}/{name}.yaml")),
+        # a shell runs the entrypoint on the head: a dated override is evaluated at run time
+        "entrypoint": " ".join(job.kind.entrypoint(f"{CONFIG_DIR}/{name}.yaml") + job.dated_override()),
         "submissionMode": "K8sJobMode",
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": cfg.cluster_ttl_s,
         # each retry gets a fresh cluster and skips the work object storage already holds
         "backoffLimit": cfg.job_backoff_limit,
         "activeDeadlineSeconds": job.kind.active_deadline_s,
-        "rayClusterSpec": cluster_spec(cfg, [job.kind.workers]),
+        "rayClusterSpec": cluster_spec(cfg, [job.kind.workers] if job.kind.workers else []),
     }
 
 
@@ -170,7 +174,11 @@ def raycronjob(cfg: ManifestsConfig, schedule: Schedule, job: JobFile) -> dict[s
 
 
 def raycluster(cfg: ManifestsConfig) -> dict[str, Any]:
-    shapes = {_group_name(k.workers): k.workers for k in KINDS.values()}
+    shapes: dict[str, WorkerShape] = {}
+    for shape in sorted((k.workers for k in KINDS.values() if k.workers), key=lambda w: w.max_replicas):
+        # kinds sharing a pod shape share a group, sized for the largest; idle, a long-lived cluster
+        # holds no workers (a job's own cluster may start with some)
+        shapes[_group_name(shape)] = dataclasses.replace(shape, min_replicas=0)
     return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": _meta(cfg, cfg.name, "ray-cluster"),
             "spec": cluster_spec(cfg, [shapes[n] for n in sorted(shapes)])}
 
@@ -214,7 +222,8 @@ def configmap(cfg: ManifestsConfig, jobs: dict[str, JobFile]) -> dict[str, Any]:
     data: dict[str, str] = {}
     for name, job in sorted(jobs.items()):
         data[f"{name}.yaml"] = _dump(job.raw_config)
-        data[f"{name}.job.yaml"] = _dump({"job": job.kind.name, "config": job.raw_config})
+        dated = {"date_subfolder": job.date_subfolder} if job.date_subfolder else {}
+        data[f"{name}.job.yaml"] = _dump({"job": job.kind.name, "config": job.raw_config, **dated})
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(cfg, f"{cfg.name}-jobs", "jobs"), "data": data}
 
 

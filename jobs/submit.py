@@ -47,11 +47,13 @@ class Submission:
     entrypoint: str
     config_sha256: str
     metadata: dict[str, str]
+    config: dict[str, Any]  # what the driver reads: the job file's config, dated when it asks for that
 
 
-def config_digest(raw_config: dict[str, Any]) -> str:
-    """sha256 of the config as written, key order and YAML formatting aside."""
-    canonical = json.dumps(raw_config, sort_keys=True, separators=(",", ":"), default=str)
+def config_digest(job: JobFile) -> str:
+    """sha256 of the job's config as written (key order, comments and YAML layout aside)."""
+    content = {"config": job.raw_config, "date_subfolder": job.date_subfolder}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -64,11 +66,12 @@ def submission_id(kind: str, digest: str, date: dt.date, attempt: int = 1) -> st
 
 
 def plan_submission(job: JobFile, date: dt.date, attempt: int = 1) -> Submission:
-    digest = config_digest(job.raw_config)
+    digest = config_digest(job)
     entrypoint = " ".join(job.kind.entrypoint(CONFIG_NAME))
     metadata = {"dualtok_job": job.kind.name, "config_sha256": digest, "date": date.isoformat(),
                 "job_file": job.path.name}
-    return Submission(submission_id(job.kind.name, digest, date, attempt), entrypoint, digest, metadata)
+    return Submission(submission_id(job.kind.name, digest, date, attempt), entrypoint, digest, metadata,
+                      job.config_for(date))
 
 
 def auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -104,10 +107,10 @@ def job_client(address: str | None) -> Any:
     return JobSubmissionClient(address, headers=auth_headers())
 
 
-def submit_or_attach(client: Any, job: JobFile, plan: Submission) -> bool:
+def submit_or_attach(client: Any, plan: Submission) -> bool:
     """Submit the job; True if this call created it, False if that id already existed."""
     with tempfile.TemporaryDirectory(prefix="dualtok-job-") as workdir:
-        (Path(workdir) / CONFIG_NAME).write_text(yaml.safe_dump(job.raw_config, sort_keys=False))
+        (Path(workdir) / CONFIG_NAME).write_text(yaml.safe_dump(plan.config, sort_keys=False))
         try:
             client.submit_job(entrypoint=plan.entrypoint, submission_id=plan.submission_id,
                               runtime_env={"working_dir": workdir}, metadata=plan.metadata)
@@ -153,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     client = job_client(args.address)
-    if submit_or_attach(client, job, plan):
+    if submit_or_attach(client, plan):
         print(f"submitted:  {plan.submission_id}")
     else:
         status = str(client.get_job_status(plan.submission_id).value)

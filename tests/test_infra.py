@@ -89,7 +89,7 @@ def pod_templates(doc: dict) -> list[dict]:
     spec = doc["spec"]
     cluster = {"RayCluster": lambda: spec, "RayJob": lambda: spec["rayClusterSpec"],
                "RayCronJob": lambda: spec["jobTemplate"]["rayClusterSpec"]}[doc["kind"]]()
-    return [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]
+    return [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster.get("workerGroupSpecs", []))]
 
 
 def configmap_data() -> dict[str, str]:
@@ -152,7 +152,7 @@ def test_builtin_kinds_and_every_pod_template_validate_with_kubernetes_schemas()
     for doc in builtin:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     templates = [t for kind in CRD_FILES for d in by_kind(kind) for t in pod_templates(d)]
-    assert len(templates) >= 2 * len(by_kind("RayJob"))
+    assert len(templates) >= len(by_kind("RayJob")) + len(by_kind("RayCronJob")) + 3
     for template in templates:
         pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
@@ -178,10 +178,18 @@ def test_every_rayjob_entrypoint_parses_with_the_cli_and_its_config_loads(tmp_pa
         assert argv[0] == "dualtok"
         args = build_parser(argv[1]).parse_args(argv[1:])
         kind = next(k for k in KINDS.values() if list(k.command) == argv[1:1 + len(k.command)])
-        config = load_config(kind.load_config_type(), _config_file(args.config, tmp_path), args.overrides)
+        config_file = _config_file(args.config, tmp_path)
         job = read_job_file(_config_file(args.config.replace(".yaml", ".job.yaml"), tmp_path))
-        assert config == job.config and job.kind == kind
-        assert kind.workers.max_replicas == spec["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"]
+        assert load_config(kind.load_config_type(), config_file) == job.config and job.kind == kind
+        dated = load_config(kind.load_config_type(), config_file, args.overrides)  # the run's own overrides
+        if job.date_subfolder:
+            assert args.overrides == [f"{job.date_subfolder}={job.raw_config[job.date_subfolder]}/$(date -u +%F)"]
+            assert getattr(dated, job.date_subfolder).endswith("/$(date -u +%F)")
+        groups = spec["rayClusterSpec"].get("workerGroupSpecs", [])
+        assert [g["maxReplicas"] for g in groups] == ([kind.workers.max_replicas] if kind.workers else [])
+        if kind.workers:
+            (worker,) = groups[0]["template"]["spec"]["containers"]
+            assert worker["resources"]["limits"].get("nvidia.com/gpu", "0") == str(kind.workers.gpus)
 
 
 def test_every_cronjob_submits_a_loadable_job_file_to_the_long_lived_cluster(tmp_path):
@@ -219,13 +227,23 @@ def test_retries_resume_and_schedules_do_not_overlap():
         assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
         assert spec["backoffLimit"] >= 1 and spec["activeDeadlineSeconds"] > 0
         assert spec["rayClusterSpec"]["enableInTreeAutoscaling"] is True
-        workers = spec["rayClusterSpec"]["workerGroupSpecs"]
+        workers = spec["rayClusterSpec"].get("workerGroupSpecs", [])
         assert all(g["maxReplicas"] >= g["minReplicas"] for g in workers)
     for doc in by_kind("CronJob"):
         assert doc["spec"]["concurrencyPolicy"] == "Forbid"
     schedules = {d["metadata"]["name"]: d["spec"]["schedule"] for d in by_kind("RayCronJob")}
     assert schedules == {d["metadata"]["name"]: d["spec"]["schedule"] for d in by_kind("CronJob")}
-    assert {"dualtok-nightly-tokenize"} <= set(schedules)
+    assert {"dualtok-nightly-tokenize", "dualtok-nightly-audit"} <= set(schedules)
+
+
+def test_long_lived_cluster_has_a_worker_group_big_enough_for_every_kind():
+    (cluster,) = by_kind("RayCluster")
+    groups = {g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu"): g
+              for g in cluster["spec"]["workerGroupSpecs"]}
+    for kind in (k for k in KINDS.values() if k.workers):
+        group = groups[str(kind.workers.gpus) if kind.workers.gpus else None]
+        assert group["maxReplicas"] >= kind.workers.max_replicas and group["minReplicas"] == 0
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
 def test_credentials_only_from_secrets_and_roles():

@@ -54,10 +54,21 @@ def test_submission_id_depends_on_kind_config_and_date_only(tmp_path):
     assert plan_a.metadata["config_sha256"] == plan_a.config_sha256 and plan_a.metadata["dualtok_job"] == "tokenize"
 
 
+def test_date_subfolder_gives_each_day_its_own_output(tmp_path):
+    text = "job: stats\nconfig: {corpus: s3://b/c, output: s3://b/stats/}\n"
+    plain = plan_submission(read_job_file(job_file(tmp_path, "plain.yaml", text)), DAY)
+    dated = plan_submission(read_job_file(job_file(tmp_path, "dated.yaml", text + "date_subfolder: output\n")), DAY)
+    assert plain.config["output"] == "s3://b/stats/" and dated.config["output"] == "s3://b/stats/2026-03-14"
+    assert dated.config["corpus"] == "s3://b/c" and dated.submission_id != plain.submission_id
+    with pytest.raises(ConfigError, match="date_subfolder 'top_duplicates' must name a config key"):
+        read_job_file(job_file(tmp_path, "bad.yaml", "job: stats\nconfig: {corpus: c, top_duplicates: 3}\n"
+                                                     "date_subfolder: top_duplicates\n"))
+
+
 def test_bad_job_files_fail_before_anything_is_sent(tmp_path):
     cases = {
         "job: tokenise\nconfig: {}\n": "unknown job kind 'tokenise'",
-        "job: tokenize\nconfig: {inputs: [x], output: y}\nresources: {}\n": "exactly the keys",
+        "job: tokenize\nconfig: {inputs: [x], output: y}\nresources: {}\n": "optionally 'date_subfolder'",
         "job: tokenize\nconfig: {inputs: [x], output: y, bundel: tiny}\n": "unknown config key 'bundel'",
         "job: tokenize\nconfig: {output: y}\n": "inputs is empty",
         "- job\n": "a job file is a mapping",
