@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "build sample shards from bundled photos and tokenize them locally (no arguments)"),
     "tokenize": ("jobs.tokenize", "tokenize WebDataset shards into a Parquet token corpus (Ray Data)"),
     "train": ("jobs.train", "train one stage of the tokenizer with Ray Train"),
+    "audit": ("jobs.audit", "audit how faithfully a token corpus reconstructs its images: tables + HTML report"),
+    "stats": ("jobs.stats", "corpus statistics: rows, errors, codebook usage, perplexity, duplicate token sequences"),
     "submit": ("jobs.submit", "submit a job file to a Ray cluster's job server, once per (job, config, day)"),
     "stack": ("jobs.local_stack", "start/stop a local Ray head with its job server and a loopback S3 endpoint"),
     "manifests": ("jobs.manifests", "render the Kubernetes manifests (KubeRay RayCluster/RayJob/RayCronJob, CronJob)"),

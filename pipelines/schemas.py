@@ -68,6 +68,66 @@ def read_metadata(schema: pa.Schema) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
+# ---- reconstruction audits (pipelines/audit.py) ----------------------------------------------
+# Layout under an audit's output URI:
+#   sample.parquet              the sampled corpus rows and the slice each belongs to (AUDIT_SAMPLE_SCHEMA)
+#   tables/<slice>.parquet      one row per (sampled image, variant) with its metrics (AUDIT_SCHEMA)
+#   errors/<slice>.parquet      sampled rows that could not be audited, and why (AUDIT_ERRORS_SCHEMA)
+#   _committed/<slice>.json     written last: the slice is done
+AUDIT_SCHEMA_VERSION = 1
+SLICE, VARIANT = "slice", "variant"
+GUIDE_SIZE, NUM_GUIDE_TOKENS, NUM_SEMANTIC_TOKENS = "guide_size", "num_guide_tokens", "num_semantic_tokens"
+PSNR, SSIM, PSNR_GUIDE, SSIM_GUIDE = "psnr", "ssim", "psnr_at_guide_size", "ssim_at_guide_size"
+LPIPS, CLIP_SCORE, CLIP_SIMILARITY = "lpips", "clip_score", "clip_image_similarity"
+SECONDS = "seconds"  # reconstruction wall time of this image and variant (its share of the chunk)
+ORIGINAL_PATH, GUIDE_PATH, RECONSTRUCTION_PATH = "original_path", "guide_path", "reconstruction_path"
+
+AUDIT_SAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field(SLICE, pa.string(), nullable=False),
+        pa.field(SHARD, pa.string(), nullable=False),
+        pa.field(INDEX, pa.int32(), nullable=False),
+        pa.field(KEY, pa.string(), nullable=False),
+    ]
+)
+
+AUDIT_SCHEMA = pa.schema(
+    [
+        pa.field(SLICE, pa.string(), nullable=False),
+        pa.field(KEY, pa.string(), nullable=False),
+        pa.field(SHARD, pa.string(), nullable=False),
+        pa.field(INDEX, pa.int32(), nullable=False),
+        pa.field(CAPTION, pa.string(), nullable=True),
+        pa.field(VARIANT, pa.string(), nullable=False),
+        pa.field(GUIDE_SIZE, pa.int32(), nullable=False),  # 0: the variant uses no guide
+        pa.field(NUM_GUIDE_TOKENS, pa.int32(), nullable=False),
+        pa.field(NUM_SEMANTIC_TOKENS, pa.int32(), nullable=False),
+        pa.field(PSNR, pa.float64(), nullable=False),  # dB at the output size; inf when identical
+        pa.field(SSIM, pa.float64(), nullable=False),
+        pa.field(PSNR_GUIDE, pa.float64(), nullable=False),  # both images resized to the bundle's guide size
+        pa.field(SSIM_GUIDE, pa.float64(), nullable=False),
+        pa.field(LPIPS, pa.float64(), nullable=True),  # null: no LPIPS weights were given
+        pa.field(CLIP_SCORE, pa.float64(), nullable=True),  # null: no CLIP model, or no caption
+        pa.field(CLIP_SIMILARITY, pa.float64(), nullable=True),
+        pa.field(SECONDS, pa.float64(), nullable=False),
+        pa.field(ORIGINAL_PATH, pa.string(), nullable=False),  # relative to the audit's output URI
+        pa.field(GUIDE_PATH, pa.string(), nullable=True),
+        pa.field(RECONSTRUCTION_PATH, pa.string(), nullable=False),
+    ]
+)
+
+AUDIT_ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field(SLICE, pa.string(), nullable=False),
+        pa.field(KEY, pa.string(), nullable=True),
+        pa.field(SHARD, pa.string(), nullable=False),
+        pa.field(INDEX, pa.int32(), nullable=False),
+        pa.field(STAGE, pa.string(), nullable=False),  # fetch, decode, reconstruct, score
+        pa.field(REASON, pa.string(), nullable=False),
+    ]
+)
+
+
 # ---- training metrics (jobs/train_state.py) -------------------------------------------------
 # `<storage_path>/<run>/metrics/<last step>.jsonl` (one file per checkpoint interval) and
 # `<run>/metrics.jsonl` (all, in step order): one JSON object per optimizer step, global over

@@ -1,0 +1,148 @@
+"""`dualtok audit`: reconstruction audits of a token corpus (Ray Data), or with `--stats-only`
+the corpus statistics alone. Its config type, and the wiring from config to pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from jobs.job_config import RayConfig, StorageConfig, add_config_arguments, config_from_args, init_ray
+from pipelines.audit import BASE_VARIANTS, ReportSettings
+from pipelines.configuration import ConfigError, to_dict
+from pipelines.perceptual import PerceptualWeights
+from pipelines.stages import StageResources
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SAMPLE_SIZE = 64  # rows audited when neither sample_size nor sample_fraction is given
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    corpus: str = ""  # the token corpus (the tokenize job's output)
+    output: str = ""  # the audit folder: tables, images, summary.json, index.html
+    sources: list[str] = field(default_factory=list)  # source shards; empty: each shard's recorded shard_uri
+    bundle: str = ""  # bundle path/URI or preset; empty: the bundle the corpus records
+    bundle_seed: int | None = None  # weights seed of a preset bundle; None: the corpus's
+    guide_bundles: list[str] = field(default_factory=list)  # extra guide branches (16/32/128 px ...) to compare
+    variants: list[str] = field(default_factory=lambda: list(BASE_VARIANTS))
+    sample_size: int | None = None
+    sample_fraction: float | None = None
+    seed: int = 0  # the sample and the diffusion noise
+    size: int = 256  # output size of every reconstruction (and of the originals it is compared with)
+    steps: int = 25  # DDIM steps of the whole schedule; dual runs int(strength * steps) of them
+    strength: float = 0.7
+    guidance: float = 3.0
+    inversion_condition: Literal["unconditional", "semantic"] = "unconditional"
+    slice_size: int = 16  # sampled images per unit of work (committed together)
+    reconstruct: StageResources = StageResources(batch_size=4)  # batch_size: images per forward pass
+    score: StageResources = StageResources()
+    fetch_cpus: float = 1.0
+    metrics: PerceptualWeights = PerceptualWeights()
+    report: ReportSettings = ReportSettings()  # grid_images, worst_k, best_k
+    corpus_stats: bool = True  # include the corpus statistics section in the report
+    stats_only: bool = False  # statistics only, no reconstruction (as `dualtok stats`)
+    max_slices: int | None = None  # audit at most this many pending slices this run
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+
+    def __post_init__(self) -> None:
+        if not self.corpus:
+            raise ValueError("corpus is empty: give the token corpus URI (the tokenize job's output)")
+        if not self.output:
+            raise ValueError("output is empty: give a folder or s3://bucket/prefix for the audit")
+        if self.sample_size is not None and self.sample_fraction is not None:
+            raise ValueError("give sample_size or sample_fraction, not both")
+        unknown = [v for v in self.variants if v not in BASE_VARIANTS]
+        if unknown or not self.variants:
+            raise ValueError(f"variants must be a non-empty list of {', '.join(BASE_VARIANTS)}; got {self.variants} "
+                             "(guide resolutions come from guide_bundles)")
+        if self.size < 8 or self.steps < 1 or self.slice_size < 1:
+            raise ValueError(f"size ({self.size}), steps ({self.steps}) and slice_size ({self.slice_size}) are too small")
+
+
+def _corpus_bundle(config: AuditConfig, options: dict[str, Any]) -> tuple[str, int]:
+    """The bundle spec and weights seed the corpus's manifest records."""
+    from pipelines.storage import filesystem, join
+
+    fs, path = filesystem(join(config.corpus, "manifest.json"), options or None)
+    if not fs.exists(path):
+        raise ConfigError(f"{config.corpus} has no manifest.json to name its bundle: give bundle=<path or preset>")
+    manifest = json.loads(fs.cat_file(path))
+    return manifest["bundle"]["bundle"], int(manifest.get("config", {}).get("seed", 0))
+
+
+def plan_from_config(config: AuditConfig) -> Any:
+    from pipelines.audit import AuditPlan, guide_name
+    from pipelines.audit_sample import SampleSpec
+    from pipelines.audit_stages import RenderSettings
+    from pipelines.stages import BundleSource
+
+    options = config.storage.storage_options()
+    spec, seed = _corpus_bundle(config, options) if not config.bundle else (config.bundle, 0)
+    seed = config.bundle_seed if config.bundle_seed is not None else seed
+    guides: dict[str, BundleSource] = {}
+    for guide_spec in config.guide_bundles:
+        source = BundleSource(guide_spec, storage_options=options)
+        name = guide_name(source.load(("guide",)))
+        if name in guides:
+            raise ConfigError(f"guide_bundles {guides[name].spec} and {guide_spec} both have {name[1:]} px guides")
+        guides[name] = source
+    size = config.sample_size if config.sample_size is not None or config.sample_fraction is not None \
+        else DEFAULT_SAMPLE_SIZE
+    return AuditPlan(
+        corpus=config.corpus, output=config.output, source=BundleSource(spec, seed=seed, storage_options=options),
+        guides=guides, variants=tuple(config.variants),
+        sample=SampleSpec(size=size, fraction=config.sample_fraction, seed=config.seed), sources=tuple(config.sources),
+        render=RenderSettings(size=config.size, steps=config.steps, strength=config.strength,
+                              guidance=config.guidance, seed=config.seed,
+                              inversion_condition=config.inversion_condition, chunk=config.reconstruct.batch_size),
+        slice_size=config.slice_size, reconstruct=config.reconstruct, score=config.score, fetch_cpus=config.fetch_cpus,
+        weights=config.metrics, report=config.report, corpus_stats=config.corpus_stats,
+        max_slices=config.max_slices, storage_options=options, resolved_config=to_dict(config),
+    )
+
+
+def print_summary(summary: Any) -> None:
+    print(f"audit: {summary.slices_committed} slices done this run, {summary.slices_skipped} already done "
+          f"(of {summary.slices_total}); {summary.images} images audited, {summary.errors} errors, "
+          f"{summary.seconds:.1f} s")
+    print(f"{'variant':<24}{'tokens g+s':>12}{'PSNR':>9}{'SSIM':>8}{'images/s':>10}")
+    for v in summary.variants:
+        psnr, ssim = v["metrics"].get("psnr", {}), v["metrics"].get("ssim", {})
+        speed = v["images_per_second"]
+        print(f"{v['name']:<24}{v['num_guide_tokens']:>6}+{v['num_semantic_tokens']:<5}"
+              f"{_mean(psnr, 2):>9}{_mean(ssim, 3):>8}{(f'{speed:.3f}' if speed else '-'):>10}")
+    print(f"report: {summary.report}  (bundle {summary.bundle_fingerprint})")
+    if summary.untrained_parts:
+        print(f"NOTE: the {', '.join(summary.untrained_parts)} weights are random-initialised (untrained): "
+              "the audit exercises the pipeline but its scores carry no meaning.")
+
+
+def _mean(stats: dict[str, Any], digits: int) -> str:
+    return "-" if stats.get("mean") is None else f"{stats['mean']:.{digits}f}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--stats-only", action="store_true",
+                        help="corpus statistics only, no reconstruction (same as stats_only=true)")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(AuditConfig, args)
+    if args.stats_only or config.stats_only:
+        from jobs.stats import print_statistics, write_statistics
+
+        stats = write_statistics(config.corpus, config.output, config.storage.storage_options())
+        print_statistics(stats, config.output)
+        return 0
+    from pipelines.audit import run_audit
+
+    plan = plan_from_config(config)
+    init_ray(config.ray)
+    print_summary(run_audit(plan))
+    return 0
