@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -71,7 +72,11 @@ class StackState:
     def save(self) -> None:
         path = Path(self.dir)
         (path / STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
-        (path / ENV_FILE).write_text("".join(f"export {k}={v}\n" for k, v in self.env().items()))
+        (path / ENV_FILE).write_text(self.exports())
+
+    def exports(self) -> str:
+        """`export K=V` lines, quoted for a shell's eval."""
+        return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env().items())
 
 
 def load_state(directory: str | Path) -> StackState:
@@ -187,7 +192,11 @@ def up(directory: str | Path, buckets: list[str], num_cpus: int = 4, object_stor
 
 
 def _command_line(pid: int) -> str:
-    result = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True, check=False)
+    """The process's command line, or "" where `ps` is missing (then the pid is trusted)."""
+    try:
+        result = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return ""
     return result.stdout.strip()
 
 
@@ -256,5 +265,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     else:
         state = load_state(args.dir)
-    print("".join(f"export {k}={v}\n" for k, v in state.env().items()), end="")
+    print(state.exports(), end="")
     return 0

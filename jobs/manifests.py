@@ -160,9 +160,8 @@ def rayjob_spec(cfg: ManifestsConfig, name: str, job: JobFile) -> dict[str, Any]
 
 
 def rayjob(cfg: ManifestsConfig, name: str, job: JobFile) -> dict[str, Any]:
-    meta = _meta(cfg, "", name)
-    del meta["name"]
-    meta = {"generateName": f"{cfg.name}-{name}-", **meta}  # `kubectl create` starts a new run each time
+    # generateName: every `kubectl create` starts a new run
+    meta = {"generateName": f"{cfg.name}-{name}-", "namespace": cfg.namespace, "labels": _labels(cfg, name)}
     return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta, "spec": rayjob_spec(cfg, name, job)}
 
 

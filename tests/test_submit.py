@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -104,8 +105,9 @@ def _dualtok(*args: str, env: dict[str, str], timeout: float = 240) -> subproces
 
 
 def _stack_env(stdout: str) -> dict[str, str]:
-    pairs = (line.removeprefix("export ").split("=", 1) for line in stdout.splitlines() if line.startswith("export "))
-    return dict(pairs)
+    """What `eval "$(dualtok stack up)"` would export."""
+    words = [shlex.split(line)[1] for line in stdout.splitlines() if line.startswith("export ")]
+    return dict(word.split("=", 1) for word in words)
 
 
 def _alive(pgid: int) -> bool:
@@ -114,6 +116,24 @@ def _alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_stack_down_stops_its_process_groups_and_nothing_else(tmp_path):
+    from jobs.local_stack import StackState, down
+
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)  # a recycled pid: not the Ray head
+    # "our" server: a leader that exits on SIGTERM and leaves a child behind in its process group
+    ours = subprocess.Popen(["bash", "-c", "sleep 60 & wait", "moto", "-p", "61"], start_new_session=True)
+    try:
+        StackState(dir=str(tmp_path), ray_pid=stranger.pid, ray_temp_dir="/tmp/dtk-gone",
+                   s3_pid=ours.pid, s3_url="http://127.0.0.1:61").save()
+        down(tmp_path)
+        assert ours.wait(timeout=5) is not None and not _alive(ours.pid)  # leader and its child are gone
+        assert stranger.poll() is None  # the unrelated process was left alone
+        assert not (tmp_path / "stack.json").exists()
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 @pytest.fixture
