@@ -39,7 +39,7 @@ class AuditConfig:
     inversion_condition: Literal["unconditional", "semantic"] = "unconditional"
     slice_size: int = 16  # sampled images per unit of work (committed together)
     reconstruct: StageResources = StageResources(batch_size=4)  # batch_size: images per forward pass
-    score: StageResources = StageResources()
+    score: StageResources = StageResources()  # batch_size: images per LPIPS/CLIP forward pass
     fetch_cpus: float = 1.0
     metrics: PerceptualWeights = PerceptualWeights()
     report: ReportSettings = ReportSettings()  # grid_images, worst_k, best_k

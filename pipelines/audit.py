@@ -334,7 +334,8 @@ def _build_dataset(plan: AuditPlan, audit: AuditSetup, items: list[dict[str, Any
     ds = add_actor_stage(ds, Reconstruct, replace(plan.reconstruct, batch_size=1), source=plan.source,
                          guides=plan.guides, variants=audit.variants, render=plan.render)
     settings = ScoreSettings(output=plan.output, variants=audit.variants, guide_size=audit.guide_size,
-                             weights=plan.weights, storage_options=plan.storage_options)
+                             weights=plan.weights, learned_batch=plan.score.batch_size,
+                             storage_options=plan.storage_options)
     return add_actor_stage(ds, ScoreReconstruction, replace(plan.score, batch_size=1), settings=settings)
 
 

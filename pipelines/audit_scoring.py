@@ -26,7 +26,7 @@ from dualtok_core.imaging import resize_float, to_uint8
 from pipelines import schemas as S
 from pipelines.audit_stages import OK, PAYLOAD, STAGE_SCORE, VariantSpec, fail_rows, image_path, unpack
 from pipelines.perceptual import LPIPS, ClipScorer, PerceptualWeights
-from pipelines.stages import StageResources
+from pipelines.stages import StageResources, _pick_device
 from pipelines.storage import commit_bytes, filesystem, join
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class ScoreSettings:
     variants: tuple[VariantSpec, ...]
     guide_size: int  # the bundle's guide size: the "at guide size" metrics resize to it
     weights: PerceptualWeights = PerceptualWeights()
+    learned_batch: int = 16  # images per LPIPS / CLIP forward pass
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
@@ -66,10 +67,12 @@ class ScoreReconstruction:
 
     def __init__(self, settings: ScoreSettings, resources: StageResources) -> None:
         self.settings = settings
-        torch.set_num_threads(max(1, int(resources.cpus_per_actor)))
+        device = _pick_device(resources.device)  # the learned metrics use a GPU when the actor has one
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, int(resources.cpus_per_actor)))
         w = settings.weights
-        self.lpips = LPIPS(w.lpips_alexnet, w.lpips_linear) if w.lpips_alexnet else None
-        self.clip = ClipScorer(w.clip) if w.clip else None
+        self.lpips = LPIPS(w.lpips_alexnet, w.lpips_linear).to(device) if w.lpips_alexnet else None
+        self.clip = ClipScorer(w.clip, device) if w.clip else None
         self.fs, _ = filesystem(settings.output, settings.storage_options or None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -109,15 +112,20 @@ class ScoreReconstruction:
                S.PSNR_GUIDE: metrics.psnr(small_original, small_recon),
                S.SSIM_GUIDE: metrics.ssim(small_original, small_recon)}
         if self.lpips is not None:
-            out[S.LPIPS] = self.lpips(original, recon)
+            out[S.LPIPS] = self._batched(self.lpips, original, recon)
         if self.clip is not None:
-            out[S.CLIP_SIMILARITY] = self.clip.image_similarity(original, recon)
+            out[S.CLIP_SIMILARITY] = self._batched(self.clip.image_similarity, original, recon)
             has = payload["has_caption"][good]
             score = np.full(len(good), np.nan)
             if has.any():
-                score[has] = self.clip.clip_score(recon[has], [str(c) for c in payload[S.CAPTION][good][has]])
+                captions = np.asarray([str(c) for c in payload[S.CAPTION][good][has]])
+                score[has] = self._batched(lambda x, c: self.clip.clip_score(x, list(c)), recon[has], captions)
             out[S.CLIP_SCORE] = score
         return out
+
+    def _batched(self, fn: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        step = self.settings.learned_batch
+        return np.concatenate([fn(a[i : i + step], b[i : i + step]) for i in range(0, len(a), step)])
 
     def _write_images(self, payload: dict[str, np.ndarray], good: np.ndarray) -> None:
         names = ["original"] + sorted({v.guide_image for v in self.settings.variants if v.guide_image})

@@ -108,29 +108,33 @@ class LPIPS(nn.Module):
     @torch.inference_mode()
     def forward(self, reference: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) pairs -> (B,) distances."""
-        a, b = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1.0 for x in (reference, reconstruction))
-        total = torch.zeros(a.shape[0])
+        device = self.shift.device
+        a, b = (torch.from_numpy(np.ascontiguousarray(x)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+                for x in (reference, reconstruction))  # (B, 3, H, W) in [-1, 1]
+        total = torch.zeros(a.shape[0], device=device)
         for head, fa, fb in zip(self.heads, self._taps(a), self._taps(b)):
             total += head((fa - fb) ** 2).mean(dim=(1, 2, 3))  # (B,)
-        return total.numpy().astype(np.float64)
+        return total.cpu().numpy().astype(np.float64)
 
 
 class ClipScorer:
     """CLIP image and text embeddings from a local transformers folder."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, device: torch.device = torch.device("cpu")) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         if not Path(folder, "config.json").is_file():
             raise BundleError(f"{folder} is not a transformers CLIP folder (no config.json); nothing is downloaded")
-        self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+        self.device = device
+        self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval().to(device)
         self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
     @torch.inference_mode()
     def image_embeddings(self, images: np.ndarray) -> torch.Tensor:
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]  # (B, 3, s, s)
-        features = self.model.get_image_features(pixel_values=pixels)
+        features = self.model.get_image_features(pixel_values=pixels.to(self.device))
+        # transformers 5 returns an output whose pooler_output is the projection; 4.x the tensor itself
         features = getattr(features, "pooler_output", features)  # (B, P)
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
@@ -138,16 +142,17 @@ class ClipScorer:
     def text_embeddings(self, captions: list[str]) -> torch.Tensor:
         limit = int(self.model.config.text_config.max_position_embeddings)
         tokens = self.tokenizer(captions, padding=True, truncation=True, max_length=limit, return_tensors="pt")
-        features = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        features = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                                attention_mask=tokens["attention_mask"].to(self.device))
         features = getattr(features, "pooler_output", features)  # (B, P)
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
     def clip_score(self, images: np.ndarray, captions: list[str]) -> np.ndarray:
         """(B,) 100 * max(cos(image, caption), 0)."""
         cos = (self.image_embeddings(images) * self.text_embeddings(captions)).sum(dim=-1)
-        return (100.0 * cos.clamp(min=0.0)).numpy().astype(np.float64)
+        return (100.0 * cos.clamp(min=0.0)).cpu().numpy().astype(np.float64)
 
     def image_similarity(self, reference: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
         """(B,) cosine between the two images' CLIP embeddings."""
         cos = (self.image_embeddings(reference) * self.image_embeddings(reconstruction)).sum(dim=-1)
-        return cos.numpy().astype(np.float64)
+        return cos.cpu().numpy().astype(np.float64)

@@ -26,9 +26,9 @@ td small { color: #666; } tr:nth-child(even) td { background: #fafbfc; }
 .plots { display: flex; flex-wrap: wrap; gap: 12px; }
 .grid { display: flex; flex-direction: column; gap: 10px; }
 .imgrow { display: flex; gap: 6px; align-items: flex-start; flex-wrap: wrap; }
-.imgrow .who { width: 150px; font-size: 0.8rem; color: #444; word-break: break-all; }
-figure { margin: 0; text-align: center; font-size: 0.75rem; color: #333; }
-figure img { width: 150px; height: 150px; object-fit: contain; background: #eee; display: block; }
+.imgrow .who { width: 130px; font-size: 0.8rem; color: #444; word-break: break-all; }
+figure { margin: 0; text-align: center; font-size: 0.75rem; color: #333; width: 128px; }
+figure img { width: 128px; height: 128px; object-fit: contain; background: #eee; display: block; }
 figure img.guide { image-rendering: pixelated; }
 details pre { max-height: 420px; overflow: auto; background: #f6f8fa; padding: 8px; font-size: 0.8rem; }
 nav a { margin-right: 12px; }
@@ -84,7 +84,7 @@ def interval(stats: dict[str, Any] | None, digits: int = 3) -> str:
 
 def figure(src: str, caption: str, guide: bool = False) -> str:
     cls = ' class="guide"' if guide else ""
-    return (f'<figure><img src="{escape(src)}" alt="{escape(caption)}"{cls} width="150" height="150">'
+    return (f'<figure><img src="{escape(src)}" alt="{escape(caption)}"{cls} width="128" height="128">'
             f"<figcaption>{caption}</figcaption></figure>")
 
 

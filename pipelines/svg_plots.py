@@ -89,7 +89,9 @@ def histogram(values: np.ndarray, edges: np.ndarray, title: str, x_label: str, c
     counts, _ = np.histogram(np.clip(finite, edges[0], edges[-1]), bins=edges)
     frame = _Frame(width, height, (float(edges[0]), float(edges[-1])), (0.0, float(max(counts.max(initial=0), 1))))
     ticks = [(t, _fmt(t)) for t in nice_ticks(float(edges[0]), float(edges[-1]), 4) if edges[0] <= t <= edges[-1]]
-    parts = frame.axes(title, x_label, "images", ticks, nice_ticks(0, float(max(counts.max(initial=0), 1)), 4))
+    peak = float(max(counts.max(initial=0), 1))
+    y_ticks = [t for t in nice_ticks(0, peak, 4) if float(t).is_integer()]  # counts: whole numbers only
+    parts = frame.axes(title, x_label, "images", ticks, y_ticks)
     for count, lo, hi in zip(counts, edges[:-1], edges[1:]):
         if count:
             x, top = frame.x(float(lo)), frame.y(float(count))
