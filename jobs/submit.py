@@ -121,13 +121,12 @@ def submit_or_attach(client: Any, plan: Submission) -> bool:
     return True
 
 
-def wait_for(client: Any, submission_id: str, stream_logs: bool, poll_s: float = 1.0) -> str:
-    """Follow the job to its end (streaming its logs to stdout); returns the final status."""
-    if stream_logs:
-        try:
-            asyncio.run(_stream_logs(client, submission_id))
-        except RuntimeError as err:  # the log stream broke (network, head restart): the job may go on
-            logger.warning("log stream of %s ended early (%s); polling its status", submission_id, err)
+def wait_for(client: Any, submission_id: str, poll_s: float = 1.0) -> str:
+    """Follow the job to its end, streaming its logs to stdout; returns the final status."""
+    try:
+        asyncio.run(_stream_logs(client, submission_id))
+    except RuntimeError as err:  # the log stream broke (network, head restart): the job may go on
+        logger.warning("log stream of %s ended early (%s); polling its status", submission_id, err)
     while (status := str(client.get_job_status(submission_id).value)) not in _TERMINAL:
         time.sleep(poll_s)
     return status
@@ -168,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_CODES[status]
     if not args.wait:
         return 0
-    status = wait_for(client, plan.submission_id, stream_logs=True)
+    status = wait_for(client, plan.submission_id)
     print(f"job {plan.submission_id}: {status}")
     return EXIT_CODES[status]
 
