@@ -89,7 +89,9 @@ class GuideTrainConfig(TrainConfig):
     beta1: float = 0.5
     beta2: float = 0.9
     init_from_movq: str | None = None  # a Kandinsky 2.2 MoVQ folder (diffusers format), local or URI
-    dead_code_every: int = 0  # restart codes unused for this many steps on encoder outputs (0: off)
+    # Every this many steps, codes no image chose since the last restart move onto encoder outputs
+    # (VQ-VAE's usual fix against codebook collapse; 0: off).
+    dead_code_every: int = 100
 
 
 @dataclass(frozen=True)

@@ -66,10 +66,12 @@ def plan_training(config: TrainConfig) -> TrainPlan:
     if missing:
         raise BundleError(f"the {config.STAGE} stage needs the {', '.join(missing)} part(s); {config.bundle} lacks them")
     info = _input_info(source, parts)
-    source = dataclasses.replace(source, expected_hashes={p: info.part_hashes[p] for p in needed})
+    source = dataclasses.replace(source, expected_hashes={p: info.part_hashes[p] for p in needed
+                                                           if p in info.part_hashes})
     part_config = _part_config(source, stage.part)
     layout = RunLayout(config.storage_path, config.name or default_run_name(config.STAGE, config.output), options)
     text_tokenizer = _text_tokenizer(config, source, part_config)
+    _check_movq(getattr(config, "init_from_movq", None), options)
     provenance = (f"trained: stage {config.STAGE}, run {layout.name}, steps {config.steps}, "
                   f"from {info.fingerprint}")
     resources = dict(config.resources_per_worker) or None
@@ -142,3 +144,12 @@ def _text_tokenizer(config: TrainConfig, source: BundleSource, semantic_config: 
         )
     load_text_tokenizer(uri, int(semantic_config["qformer_config"]["vocab_size"]), source.storage_options or None)
     return uri
+
+
+def _check_movq(uri: str | None, storage_options: dict[str, Any]) -> None:
+    """Fail on the driver, not in every worker, when the MoVQ weights to start from are not there."""
+    if uri is None:
+        return
+    fs, path = filesystem(uri, storage_options or None)
+    if not (fs.exists(join(path, "config.json")) or fs.exists(join(path, "movq", "config.json"))):
+        raise BundleError(f"init_from_movq={uri} holds no MoVQ config.json (nor movq/config.json)")

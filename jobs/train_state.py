@@ -128,6 +128,35 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     return load_file(str(folder / MODEL_FILE)), state, json.loads((folder / META_FILE).read_text())
 
 
+def capture_training_state(
+    step: int, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, rngs: list[dict[str, Any]],
+    code_usage: torch.Tensor | None,
+) -> dict[str, Any]:
+    """What a checkpoint keeps besides the weights: all of it loads with torch.load(weights_only=True)."""
+    return {
+        "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None, "rng": rngs,
+        "code_usage": code_usage.clone() if code_usage is not None else None,
+    }
+
+
+def apply_training_state(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, rank: int, world: int,
+    seed: int,
+) -> int:
+    """Restore optimizer, LR schedule, loss scaler and this rank's RNG; returns the step reached."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"]
+    if len(rngs) == world:
+        set_rng_state(rngs[rank])
+    else:  # another worker count: the saved streams do not map onto the new ranks
+        torch.manual_seed(seed * 1000 + rank + int(state["step"]))
+    return int(state["step"])
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():

@@ -28,7 +28,10 @@ from dualtok_core.guide import codebook_usage
 from dualtok_core.imaging import check_uint8_images, to_model_input
 from dualtok_core.training import LRSchedule, autocast_dtype, build_optimizer, build_scheduler, optimizer_step
 from dualtok_core.training_stages import CodeUsage, QFormerStage, TrainingStage, no_gather, stage_class
-from jobs.train_state import RunLayout, branch_for_stage, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from jobs.train_state import (
+    RunLayout, apply_training_state, branch_for_stage, capture_training_state, read_checkpoint, rng_state,
+    save_checkpoint,
+)
 from pipelines import schemas as S
 from pipelines.stages import BundleSource
 from pipelines.training_data import load_text_tokenizer, tokenize_captions
@@ -95,6 +98,8 @@ class StageWorker:
         import ray.train.torch
 
         self.plan = plan
+        self.text_tokenizer: Any = None  # qformer: captions -> Q-Former text ids
+        self.text_encoder: Any = None  # reverse: the frozen diffusion text encoder (eq. 8 target)
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.distributed = self.world > 1 and dist.is_initialized()
@@ -108,10 +113,10 @@ class StageWorker:
         self.scheduler = build_scheduler(self.optimizer, plan.schedule)
         self.amp = autocast_dtype(plan.mixed_precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None
-        self.step = self.resumed_from = self._restore()
-        self.module = ray.train.torch.prepare_model(self.stage)
         size = self.stage.codebook_size
         self.usage = CodeUsage(size) if size else None
+        self.step = self.resumed_from = self._restore()
+        self.module = ray.train.torch.prepare_model(self.stage)
         logger.info("rank %d/%d: stage %s on %s, starting at step %d", self.rank, self.world, plan.stage,
                     self.device, self.step)
 
@@ -145,17 +150,12 @@ class StageWorker:
         if meta.get("stage") != self.plan.stage:
             raise BundleError(f"run {self.plan.layout.name} holds a {meta.get('stage')} checkpoint, not {self.plan.stage}")
         self.stage.load_trainable_state(tensors)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        rngs = state["rng"]
-        if len(rngs) == self.world:
-            set_rng_state(rngs[self.rank])
-        else:  # a different worker count: the old streams do not map onto the new ranks
-            torch.manual_seed(self.plan.seed * 1000 + self.rank + int(state["step"]))
-        logger.info("rank %d restored step %d from %s", self.rank, state["step"], checkpoint.path)
-        return int(state["step"])
+        step = apply_training_state(state, self.optimizer, self.scheduler, self.scaler, self.rank, self.world,
+                                    self.plan.seed)
+        if self.usage is not None and state.get("code_usage") is not None:
+            self.usage.used.copy_(state["code_usage"])
+        logger.info("rank %d restored step %d from %s", self.rank, step, checkpoint.path)
+        return step
 
     # ---- data -----------------------------------------------------------------------------------
     def _batches(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
@@ -267,9 +267,8 @@ class StageWorker:
             checkpoint = None
             if self.rank == 0:
                 self.plan.layout.write_metrics(rows)
-                state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                         "scheduler": self.scheduler.state_dict(),
-                         "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rngs}
+                state = capture_training_state(self.step, self.optimizer, self.scheduler, self.scaler, rngs,
+                                               self.usage.used if self.usage is not None else None)
                 meta = {"stage": self.plan.stage, "step": self.step, "run": self.plan.layout.name,
                         "world_size": self.world, "input_fingerprint": self.plan.input_fingerprint}
                 save_checkpoint(Path(folder), self.stage, state, meta)
