@@ -80,8 +80,14 @@ def measure_ray(args: argparse.Namespace, work: Path, dataset: Any, workers: int
     started = time.perf_counter()
     fit(plan, dataset)
     rows = plan.layout.read_metrics()
-    steady = [row[S.TRAIN_IMAGES_PER_SECOND] for row in rows[args.warmup:]]
-    return {"workers": workers, "cpus_per_worker": cpus, "images_per_second": statistics.median(steady),
+    steady = rows[args.warmup:]
+    return {"workers": workers, "cpus_per_worker": cpus,
+            "images_per_second": statistics.median(r[S.TRAIN_IMAGES_PER_SECOND] for r in steady),
+            "step_seconds": statistics.median(r[S.TRAIN_SECONDS] for r in steady),
+            "compute_seconds": statistics.median(r[S.TRAIN_COMPUTE_SECONDS] for r in steady),
+            "data_seconds": statistics.median(r[S.TRAIN_DATA_SECONDS] for r in steady),
+            # everything but forward/backward/optimizer: data, report, metrics all-reduce
+            "overhead_fraction": statistics.median(1 - r[S.TRAIN_COMPUTE_SECONDS] / r[S.TRAIN_SECONDS] for r in steady),
             "first_step_seconds": rows[0][S.TRAIN_SECONDS], "wall_seconds": time.perf_counter() - started,
             "first_loss": rows[0][S.TRAIN_LOSS], "last_loss": rows[-1][S.TRAIN_LOSS]}
 
@@ -103,18 +109,22 @@ def measure_plain(args: argparse.Namespace, work: Path, batches: list[dict[str, 
     stage = stage_class(plan.stage)(branch_for_stage(plan.stage, tokenizer, None, None))
     optimizer = build_optimizer(stage.named_trainable_parameters(), plan.schedule.lr, plan.weight_decay, plan.betas)
     scheduler = build_scheduler(optimizer, plan.schedule)
-    speeds, losses = [], []
+    speeds, computes, losses = [], [], []
     device = torch.device("cpu")
     last_end = time.perf_counter()
     for step in range(args.steps):
         batch = batches[step % len(batches)]
-        images = to_model_input(check_uint8_images(batch[S.IMAGE]), stage.image_size, device, torch.float32)
+        pixels = np.require(batch[S.IMAGE], requirements="W")  # as the Ray worker does
+        images = to_model_input(check_uint8_images(pixels), stage.image_size, device, torch.float32)
+        compute_start = time.perf_counter()
         result = optimizer_step(stage, optimizer, scheduler, [{"images": images}], max_grad_norm=plan.max_grad_norm)
         now = time.perf_counter()
         speeds.append(args.batch_size / (now - last_end))
+        computes.append(now - compute_start)
         losses.append(result.loss)
         last_end = now
-    return {"images_per_second": statistics.median(speeds[args.warmup:]), "first_loss": losses[0],
+    return {"images_per_second": statistics.median(speeds[args.warmup:]),
+            "compute_seconds": statistics.median(computes[args.warmup:]), "first_loss": losses[0],
             "last_loss": losses[-1]}
 
 
@@ -151,6 +161,10 @@ def main() -> int:
           f"after {results['plain_after']['images_per_second']:.2f})")
     print(f"Ray Train, 1 worker:   {results['ray_1']['images_per_second']:8.2f} images/s  "
           f"ratio {results['ray_1_over_plain']:.3f} (target >= {TARGET})")
+    print(f"  per step (medians):  plain compute {results['plain_before']['compute_seconds']:.3f} / "
+          f"{results['plain_after']['compute_seconds']:.3f} s; Ray step {results['ray_1']['step_seconds']:.3f} s = "
+          f"compute {results['ray_1']['compute_seconds']:.3f} + data {results['ray_1']['data_seconds']:.3f} + rest; "
+          f"overhead fraction {results['ray_1']['overhead_fraction']:.3f}")
     print(f"Ray Train, 2 workers:  {results['ray_2']['images_per_second']:8.2f} images/s  "
           f"scaling {results['ray_2_over_ray_1']:.3f} x the 1-worker run on {os.cpu_count()} cores")
     if args.json:

@@ -182,7 +182,9 @@ class StageWorker:
 
     def _inputs(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """A numpy batch -> the stage module's keyword arguments, on the device."""
-        images = to_model_input(check_uint8_images(batch[S.IMAGE]), self.stage.image_size, self.device,
+        # Ray Data hands out read-only arrays; torch warns about wrapping those, so copy when needed.
+        pixels = np.require(batch[S.IMAGE], requirements="W")  # (B, S, S, 3) uint8
+        images = to_model_input(check_uint8_images(pixels), self.stage.image_size, self.device,
                                 torch.float32)  # (B, 3, S, S) in [0, 1]
         inputs = {"images": images}
         captions = [str(c) for c in batch[S.CAPTION]]
@@ -202,13 +204,18 @@ class StageWorker:
         last_end = time.perf_counter()
         while self.step < plan.steps:
             epoch, micro = 0, []
+            fetch_start = time.perf_counter()
             for _ in range(plan.grad_accumulation):
                 epoch, batch = next(batches)
                 micro.append(self._inputs(batch))
+            compute_start = time.perf_counter()
             result = optimizer_step(self.module, self.optimizer, self.scheduler, micro,
                                     max_grad_norm=plan.max_grad_norm, amp_dtype=self.amp, scaler=self.scaler)
+            compute_end = time.perf_counter()
             self.step += 1
             row = self._metrics_row(result, epoch)
+            row[S.TRAIN_DATA_SECONDS] = compute_start - fetch_start
+            row[S.TRAIN_COMPUTE_SECONDS] = compute_end - compute_start
             if self.plan.dead_code_every and self.step % self.plan.dead_code_every == 0:
                 row[S.TRAIN_DEAD_CODES] = self._restart_dead_codes(micro[-1]["images"])
             row[S.TRAIN_SECONDS] = time.perf_counter() - last_end

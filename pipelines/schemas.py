@@ -134,6 +134,9 @@ AUDIT_ERRORS_SCHEMA = pa.schema(
 # the workers. Loss terms of other stages are absent from a row (null when read with this schema).
 TRAIN_STEP, TRAIN_EPOCH, TRAIN_LR, TRAIN_LOSS = "step", "epoch", "lr", "loss"
 TRAIN_GRAD_NORM, TRAIN_SECONDS, TRAIN_IMAGES_PER_SECOND = "grad_norm", "step_seconds", "images_per_second"
+# step_seconds = data_seconds (waiting for and converting the micro-batches) + compute_seconds
+# (forward, backward, optimizer) + the rest (metrics all-reduce, the previous step's report).
+TRAIN_DATA_SECONDS, TRAIN_COMPUTE_SECONDS = "data_seconds", "compute_seconds"
 TRAIN_RESUMED_FROM = "resumed_from"  # the checkpoint step this worker group started from (0: fresh)
 TRAIN_CODEBOOK_USAGE, TRAIN_CODEBOOK_PERPLEXITY = "codebook_usage", "codebook_perplexity"
 TRAIN_DEAD_CODES = "dead_codes_restarted"
@@ -153,6 +156,8 @@ TRAIN_METRICS_SCHEMA = pa.schema(
         pa.field(TRAIN_LOSS, pa.float64(), nullable=False),
         pa.field(TRAIN_GRAD_NORM, pa.float64(), nullable=False),
         pa.field(TRAIN_SECONDS, pa.float64(), nullable=False),
+        pa.field(TRAIN_DATA_SECONDS, pa.float64(), nullable=False),
+        pa.field(TRAIN_COMPUTE_SECONDS, pa.float64(), nullable=False),
         pa.field(TRAIN_IMAGES_PER_SECOND, pa.float64(), nullable=False),
         pa.field(TRAIN_RESUMED_FROM, pa.int64(), nullable=False),
         pa.field(TRAIN_CODEBOOK_USAGE, pa.float64(), nullable=True),
