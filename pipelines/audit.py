@@ -34,7 +34,14 @@ from pipelines import schemas as S
 from pipelines.audit_sample import SampleSpec, assign_slices, committed_markers, corpus_metadata, read_rows, select_rows
 from pipelines.audit_scoring import ERROR_COUNT, ERRORS, ROWS, TABLE, ScoreReconstruction, ScoreSettings
 from pipelines.audit_stages import (
-    MAIN_GUIDE, OK, PAYLOAD, FetchOriginals, Reconstruct, RenderSettings, VariantSpec, pack,
+    MAIN_GUIDE,
+    OK,
+    PAYLOAD,
+    FetchOriginals,
+    Reconstruct,
+    RenderSettings,
+    VariantSpec,
+    pack,
 )
 from pipelines.perceptual import PerceptualWeights
 from pipelines.stages import BundleSource, StageResources, add_actor_stage
@@ -140,6 +147,10 @@ def guide_name(guide: DualTokenizer) -> str:
 
 def _check_corpus_bundle(tokenizer: DualTokenizer, meta: dict[str, Any], spec: str) -> None:
     """Tokens mean something only to the guide and semantic branches that made them."""
+    missing = [c for c, key in ((S.GUIDE_TOKENS, "guide_grid"), (S.SEMANTIC_TOKENS, "semantic_tokens")) if key not in meta]
+    if missing:
+        raise DualtokError(f"the corpus has no {' or '.join(missing)} column (tokenized with streams=...); "
+                           "an audit re-renders from both token streams")
     recorded = meta.get("part_hashes", {})
     for part in ("guide", "semantic"):
         if part in recorded and recorded[part] != tokenizer.info.part_hashes[part]:

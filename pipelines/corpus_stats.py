@@ -134,7 +134,7 @@ def corpus_statistics(corpus: str, storage_options: dict[str, Any] | None = None
                       top_duplicates: int = 10) -> dict[str, Any]:
     """Every number `dualtok stats` reports, as plain data (the stats.json document)."""
     markers = committed_markers(corpus, storage_options)
-    meta = corpus_metadata(corpus, markers, storage_options)
+    meta = corpus_metadata(corpus, markers, storage_options, required=False)  # no rows: no token streams
     present = {name: (column, int(meta[vocab])) for name, (column, vocab) in STREAMS.items() if vocab in meta}
     counters = {name: StreamCounter(vocab) for name, (_, vocab) in present.items()}
     if len(present) == 2:

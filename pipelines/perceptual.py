@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from dualtok_core.errors import BundleError
 
@@ -120,13 +120,13 @@ class LPIPS(nn.Module):
 class ClipScorer:
     """CLIP image and text embeddings from a local transformers folder."""
 
-    def __init__(self, folder: str, device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, folder: str, device: torch.device | None = None) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         if not Path(folder, "config.json").is_file():
             raise BundleError(f"{folder} is not a transformers CLIP folder (no config.json); nothing is downloaded")
-        self.device = device
-        self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval().to(device)
+        self.device = device or torch.device("cpu")
+        self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval().to(self.device)
         self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
 

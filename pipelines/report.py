@@ -40,10 +40,10 @@ def render_audit_report(summary: dict[str, Any], table: pa.Table, errors: pa.Tab
     body.append(_provenance(summary))
     nav.append(("settings", "Settings"))
     counts = summary["counts"]
-    subtitle = (f"corpus <span class=\"mono\">{H.text(summary['corpus'])}</span> &middot; "
+    subtitle = (f"corpus {_mono(summary['corpus'])} &middot; "
                 f"{counts['audited']} images audited of {counts['sampled']} sampled, {counts['errors']} errors &middot; "
-                f"{len(variants)} variants &middot; bundle <span class=\"mono\">{H.text(summary['bundle']['fingerprint'])}"
-                f"</span> &middot; generated {H.text(summary['generated_at'])}")
+                f"{len(variants)} variants &middot; bundle {_mono(summary['bundle']['fingerprint'])}"
+                f" &middot; generated {H.text(summary['generated_at'])}")
     return H.page("dualtok reconstruction audit", subtitle, "".join(body), nav)
 
 
@@ -109,9 +109,10 @@ def _ablation(summary: dict[str, Any]) -> str:
     note = ""
     if len(sizes) < 2:
         only = f"{sizes[0]} px" if sizes else "none"
-        note = H.notes([f"Only one guide resolution is available ({only}); the paper's sec. 4.2 ablation (16/32/64/128 "
-                        "px) needs guide_bundles=[...] with guide branches at other resolutions. 0 tokens is "
-                        "the semantic-only variant."])
+        message = (f"Only one guide resolution is available ({only}); the paper's sec. 4.2 ablation (16/32/64/128 "
+                   "px) needs guide_bundles=[...] with guide branches at other resolutions. 0 tokens is "
+                   "the semantic-only variant.")
+        note = H.notes([message])
     return note + plot
 
 
@@ -134,7 +135,9 @@ def _image_rows(table: pa.Table) -> dict[tuple[str, int], dict[str, Any]]:
 
 def _row_html(entry: dict[str, Any], shard: str, index: int, variants: list[str]) -> str:
     figures = [H.figure(entry["original"], "original")]
-    figures += [H.figure(path, f"guide {size} px", guide=True) for path, size in sorted(entry["guides"].items())]
+    for path, size in sorted(entry["guides"].items(), key=lambda item: (item[1], item[0])):
+        origin = " (corpus)" if path.endswith("/guide.png") else " (re-encoded)"
+        figures.append(H.figure(path, f"guide {size} px{origin}", guide=True))
     for name in variants:
         if name in entry["recon"]:
             path, psnr, ssim = entry["recon"][name]
@@ -183,13 +186,17 @@ def _errors(summary: dict[str, Any], errors: pa.Table) -> str:
     return H.section("errors", "Errors", body, intro)
 
 
+def _mono(value: object) -> str:
+    return f'<span class="mono">{H.text(value)}</span>'
+
+
 def _provenance(summary: dict[str, Any]) -> str:
     b = summary["bundle"]
-    rows = [["bundle", H.text(b["spec"])], ["fingerprint", f"<span class=\"mono\">{H.text(b['fingerprint'])}</span>"],
+    rows = [["bundle", H.text(b["spec"])], ["fingerprint", _mono(b["fingerprint"])],
             ["preset", H.text(b.get("preset"))],
             ["guide", f"{b['guide_size']} px, {b['guide_tokens']} tokens"], ["semantic tokens", str(b["semantic_tokens"])]]
-    rows += [[f"{H.text(part)} weights", f"{H.text(b['weights'].get(part))}<br><span class=\"mono\">"
-              f"{H.text(h[:16])}</span>"] for part, h in sorted(b["part_hashes"].items())]
+    rows += [[f"{H.text(part)} weights", f"{H.text(b['weights'].get(part))}<br>{_mono(h[:16])}"]
+             for part, h in sorted(b["part_hashes"].items())]
     rows += [[f"extra guide {H.text(n)}", f"{H.text(g['spec'])} ({g['guide_size']} px, {g['guide_tokens']} tokens)"]
              for n, g in sorted(b.get("extra_guides", {}).items())]
     rows += [[H.text(k), H.text(v)] for k, v in summary["settings"].items()]
@@ -231,10 +238,11 @@ def stats_section(stats: dict[str, Any]) -> str:
 
 
 def render_stats_report(stats: dict[str, Any], generated_at: str) -> str:
-    subtitle = (f"corpus <span class=\"mono\">{escape(stats['corpus'])}</span> &middot; bundle "
-                f"<span class=\"mono\">{H.text(stats.get('bundle_fingerprint'))}</span> &middot; generated {escape(generated_at)}")
+    subtitle = (f"corpus {_mono(stats['corpus'])} &middot; bundle {_mono(stats.get('bundle_fingerprint'))} "
+                f"&middot; generated {escape(generated_at)}")
     warn = ""
     if stats.get("untrained_parts"):
-        warn = H.notes([f"The corpus was tokenized with random-initialised {', '.join(stats['untrained_parts'])} "
-                        "weights: its tokens exercise the pipeline but carry no meaning."], "warn")
+        message = (f"The corpus was tokenized with random-initialised {', '.join(stats['untrained_parts'])} "
+                   "weights: its tokens exercise the pipeline but carry no meaning.")
+        warn = H.notes([message], "warn")
     return H.page("dualtok corpus statistics", subtitle, warn + stats_section(stats), [("corpus", "Corpus statistics")])

@@ -29,7 +29,7 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
             step *= factor
             break
     start = math.floor(low / step) * step
-    return [round(start + i * step, 10) for i in range(int(math.ceil((high - start) / step)) + 1)]
+    return [round(start + i * step, 10) for i in range(math.ceil((high - start) / step) + 1)]
 
 
 def _fmt(value: float) -> str:
@@ -83,7 +83,7 @@ class _Frame:
 
 
 def histogram(values: np.ndarray, edges: np.ndarray, title: str, x_label: str, color: str = PALETTE[0],
-              width: int = 300, height: int = 180) -> str:
+              width: int = 280, height: int = 170) -> str:
     """Bars of `values` counted into the bins `edges` (shared edges make panels comparable)."""
     finite = values[np.isfinite(values)]
     counts, _ = np.histogram(np.clip(finite, edges[0], edges[-1]), bins=edges)

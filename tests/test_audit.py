@@ -209,7 +209,8 @@ def test_report_renders_in_headless_chromium_from_a_copied_folder(audit, tmp_pat
     fs.get(f"{out}/", f"{local}/", recursive=True)  # the folder, copied anywhere, still works
     page = (local / "index.html").as_uri()
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--allow-file-access-from-files"]
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
     parsed = _ReportDom()
     parsed.feed(dom)
     assert parsed.tables["results-table"] == 1 + len(VARIANTS)  # header + one row per variant
@@ -282,7 +283,7 @@ def test_sample_is_seeded_nested_and_independent_of_everything_else(world):
 
     corpus, options = f"{world['root']}/corpus", None
     markers = committed_markers(corpus, options)
-    flat = lambda chosen: {(s, int(i)) for s, idx in chosen.items() for i in idx}  # noqa: E731
+    flat = lambda chosen: {(s, int(i)) for s, idx in chosen.items() for i in idx}
     five = flat(select_rows(corpus, markers, SampleSpec(size=5, seed=3), options))
     assert len(five) == 5 and five == flat(select_rows(corpus, markers, SampleSpec(size=5, seed=3), options))
     three = flat(select_rows(corpus, markers, SampleSpec(size=3, seed=3), options))
@@ -354,11 +355,11 @@ def _perceptual_weights(folder: Path):
     torch.save({f"lin{k}.model.1.weight": torch.rand(1, w, 1, 1) for k, w in enumerate((64, 192, 384, 256, 256))},
                folder / "alex.pth")
     tok = byte_level_clip_tokenizer()
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id)
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                  num_attention_heads=4)
+    text = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 77, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+              "num_attention_heads": 4}
     clip = folder / "clip"
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(clip)
     tok.save_pretrained(clip)
