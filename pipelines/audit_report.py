@@ -15,7 +15,14 @@ import pyarrow as pa
 
 from pipelines import schemas as S
 from pipelines.audit import (
-    ERRORS_DIR, REPORT_FILE, RUNS_DIR, SUMMARY_FILE, TABLES_DIR, AuditLayout, AuditPlan, AuditRunSummary,
+    ERRORS_DIR,
+    REPORT_FILE,
+    RUNS_DIR,
+    SUMMARY_FILE,
+    TABLES_DIR,
+    AuditLayout,
+    AuditPlan,
+    AuditRunSummary,
     AuditSetup,
 )
 from pipelines.audit_summary import ablation_points, ranked, shard_summaries, variant_summaries
