@@ -36,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     written = write_sample_shards(str(shards), count=args.photos, per_shard=args.per_shard)
     print(f"shards:   {len(written.shards)} WebDataset shards of {written.successes} photos in {shards}")
     config = TokenizeConfig(inputs=[str(shards)], output=str(corpus), bundle=args.preset, ray=RayConfig())
-    init_ray(config.ray)
-    summary = run_tokenize(plan_from_config(config))
+    plan = plan_from_config(config)
+    init_ray(config.ray, min_cpus=plan.required_cpus)
+    summary = run_tokenize(plan)
     print_summary(summary)
     _show_rows(corpus)
     if args.reconstruct > 0:

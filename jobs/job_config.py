@@ -7,6 +7,7 @@ the job's one root dataclass through `pipelines.configuration.load_config`.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -65,15 +66,24 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     return load_config(cls, args.config, args.overrides)
 
 
-def init_ray(config: RayConfig) -> None:
+def init_ray(config: RayConfig, min_cpus: float = 0) -> None:
+    """Connect to the configured cluster, or start a local one with at least `min_cpus` logical CPUs.
+
+    A local cluster gets max(cores, min_cpus) logical CPUs: a pipeline whose stages reserve more
+    CPUs than the machine has cores would otherwise wait forever (a 2-core laptop running a read
+    task beside two encoder actors). Actors set their own torch threads, so this oversubscribes
+    logical slots, not cores.
+    """
+    import os
+
     import ray
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"address": config.address} if config.address else {}
-    if config.num_cpus is not None and not config.address:
-        kwargs["num_cpus"] = config.num_cpus
-    ray.init(**kwargs)
+    if config.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=config.address) if config.address else ray.init()
+        return
+    ray.init(num_cpus=config.num_cpus or max(os.cpu_count() or 1, math.ceil(min_cpus)))
 
 
 __all__ = ["ConfigError", "RayConfig", "StorageConfig", "add_config_arguments", "config_from_args", "init_ray"]

@@ -106,6 +106,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(TokenizeConfig, args)
     plan = plan_from_config(config)
-    init_ray(config.ray)
+    init_ray(config.ray, min_cpus=plan.required_cpus)
     print_summary(run_tokenize(plan))
     return 0

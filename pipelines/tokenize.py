@@ -58,6 +58,16 @@ class TokenizePlan:
     resolved_config: dict[str, Any] = field(default_factory=dict, hash=False)  # secrets already redacted
 
 
+    @property
+    def required_cpus(self) -> float:
+        """Logical CPUs the pipeline needs to make progress: one read task plus every minimum actor."""
+        cpus = self.read_cpus
+        for stream, resources in (("guide", self.guide), ("semantic", self.semantic)):
+            if self.streams in (stream, "both"):
+                cpus += resources.actors * resources.cpus_per_actor
+        return cpus
+
+
 @dataclass
 class RunSummary:
     output: str
@@ -98,6 +108,7 @@ def run_tokenize(plan: TokenizePlan) -> RunSummary:
     if pending:
         if not ray.is_initialized():
             ray.init()
+        _warn_if_starved(plan.required_cpus)
         dataset = _build_dataset(plan, [(sid, ids[sid]) for sid in pending])
         _drain(dataset, writer, total=len(pending))
     summary = RunSummary(
@@ -128,6 +139,16 @@ def _layout(plan: TokenizePlan) -> tuple[CorpusLayout, dict[str, Any]]:
         info.update(semantic_tokens=semantic_len, semantic_vocab=tokenizer.semantic_vocab)
     layout = CorpusLayout(plan.output, guide_len, semantic_len, info, plan.storage_options)
     return layout, info
+
+
+def _warn_if_starved(required: float) -> None:
+    import ray
+
+    available = ray.cluster_resources().get("CPU", 0.0)
+    if available < required:
+        # not an error: an autoscaling cluster may add the nodes once the job asks for them
+        logger.warning("the pipeline needs %.1f logical CPUs (a read task + the encoder actors) but the cluster "
+                       "has %.1f now; it waits until the autoscaler adds nodes", required, available)
 
 
 def _check_bundle(committed: dict[str, dict[str, Any]], fingerprint: str, policy: str) -> None:
