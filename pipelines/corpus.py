@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 DATA_DIR, ERRORS_DIR, MARKERS_DIR, RUNS_DIR = "data", "errors", "_committed", "runs"
 # Token columns are incompressible ids: dictionary encoding only adds bytes, zstd keeps them ~raw.
 _DICTIONARY_COLUMNS = [S.KEY, S.SHARD, S.CAPTION]
+# Parquet stores uint16 as INT32: PLAIN + zstd leaves uniform ids ~8.5 % over the raw uint16 payload;
+# delta bit-packing brings them to ~0.86x (docs/benchmarks.md), and every reader still reads them.
+_TOKEN_ENCODING = {f"{S.GUIDE_TOKENS}.list.element": "DELTA_BINARY_PACKED",
+                   f"{S.SEMANTIC_TOKENS}.list.element": "DELTA_BINARY_PACKED"}
 
 
 @dataclass
@@ -107,8 +111,8 @@ class CorpusWriter:
         pending = self.pending.pop(shard)
         rows = [pending.rows[i] for i in sorted(pending.rows)]
         errors = [pending.errors[i] for i in sorted(pending.errors)]
-        data = _parquet_bytes(pa.Table.from_pylist(rows, schema=self.schema), _DICTIONARY_COLUMNS)
-        err = _parquet_bytes(pa.Table.from_pylist(errors, schema=S.ERRORS_SCHEMA), True)
+        data = _parquet_bytes(pa.Table.from_pylist(rows, schema=self.schema), _DICTIONARY_COLUMNS, _TOKEN_ENCODING)
+        err = _parquet_bytes(pa.Table.from_pylist(errors, schema=S.ERRORS_SCHEMA), True, None)
         data_path = self.layout.path(DATA_DIR, f"{shard}.parquet")
         errors_path = self.layout.path(ERRORS_DIR, f"{shard}.parquet")
         commit_bytes(self.fs, _fs_path(self.fs, data_path), data)
@@ -162,7 +166,9 @@ def _reasons(errors: list[dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
-def _parquet_bytes(table: pa.Table, use_dictionary: bool | list[str]) -> bytes:
+def _parquet_bytes(table: pa.Table, use_dictionary: bool | list[str], encoding: dict[str, str] | None) -> bytes:
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd", use_dictionary=use_dictionary, write_statistics=[S.INDEX])
+    encoding = {k: v for k, v in (encoding or {}).items() if k.split(".")[0] in table.column_names}
+    pq.write_table(table, buffer, compression="zstd", use_dictionary=use_dictionary, write_statistics=[S.INDEX],
+                   column_encoding=encoding or None)
     return buffer.getvalue()
