@@ -11,7 +11,8 @@ ports picked at start, so the stack runs beside other local clusters. The Ray he
 token authentication; its token lives in `<dir>/auth_token` (mode 0600) and is never printed.
 """
 
-from __future__ import annotations
+from __future__ import contextlib
+import annotations
 
 import argparse
 import json
@@ -225,10 +226,8 @@ def _stop_group(pid: int, what: str, marker: str, grace_s: float = 5.0) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.waitpid(pgid, os.WNOHANG)  # reap the leader if it is our own child (`up` failing), else a no-op
-    except ChildProcessError:
-        pass
+    with contextlib.suppress(ChildProcessError):  # not our child: nothing to reap
+        os.waitpid(pgid, os.WNOHANG)  # reap the leader if it is our own child (`up` failing)
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
