@@ -11,10 +11,10 @@ ports picked at start, so the stack runs beside other local clusters. The Ray he
 token authentication; its token lives in `<dir>/auth_token` (mode 0600) and is never printed.
 """
 
-from __future__ import contextlib
-import annotations
+from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
