@@ -68,7 +68,7 @@ def build_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; biases, norms and scalars get no weight decay (as LAVIS)."""
     decay, no_decay = [], []
-    for name, param in named_parameters:
+    for _, param in named_parameters:
         if not param.requires_grad:
             continue
         (no_decay if param.ndim < 2 else decay).append(param)
@@ -164,7 +164,3 @@ def _clip(optimizer: torch.optim.Optimizer, max_grad_norm: float | None, scaler:
         raise DualtokError("no trainable parameter received a gradient: does the loss depend on them?")
     limit = max_grad_norm if max_grad_norm else float("inf")
     return float(torch.nn.utils.clip_grad_norm_(params, limit))
-
-
-def trainable_names(module: nn.Module) -> list[str]:
-    return [name for name, p in module.named_parameters() if p.requires_grad]

@@ -3,7 +3,8 @@
     guide     Branch I   eq. 4-5 MSE to the input resized to the guide size + VQ terms   (GuideVQModel)
     qformer   Branch II  eq. 6 contrastive, last causal query vs. the text [CLS]         (ViT frozen)
     codebook  Branch II  eq. 7 cosine between decoded and causal embeddings + VQ terms   (ViT, Q-Former frozen)
-    reverse   Branch II  eq. 8 MSE of the 77 generation embeddings to the text encoder's (all but the Reverse Q-Former frozen)
+    reverse   Branch II  eq. 8 MSE of the 77 generation embeddings to the text encoder's features
+                                                                              (only the Reverse Q-Former trains)
 
 A stage wraps one branch so that DDP can wrap the stage: DDP synchronises gradients only for
 what runs through its `forward`, so the loss must be that forward. Frozen parts get

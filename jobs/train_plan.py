@@ -118,7 +118,9 @@ def _input_info(source: BundleSource, parts: tuple[str, ...]) -> BundleInfo:
         raise BundleError(f"{source.spec} is not a dualtok bundle: bundle.json is missing")
     data = json.loads(fs.cat_file(root))
     if data.get("schema_version") != BUNDLE_SCHEMA_VERSION:
-        raise BundleError(f"{source.spec}: bundle schema_version {data.get('schema_version')} is not {BUNDLE_SCHEMA_VERSION}")
+        raise BundleError(
+            f"{source.spec}: bundle schema_version {data.get('schema_version')} is not {BUNDLE_SCHEMA_VERSION}"
+        )
     info = BundleInfo(**data)
     info.part_hashes = {p: h for p, h in info.part_hashes.items() if p in parts}
     return info

@@ -235,7 +235,7 @@ class StageWorker:
         if self.distributed:
             packed = torch.tensor(list(values.values()), dtype=torch.float64)
             dist.all_reduce(packed)
-            values = dict(zip(values, (packed / self.world).tolist()))
+            values = dict(zip(values, (packed / self.world).tolist(), strict=True))
         row: dict[str, Any] = {S.TRAIN_STEP: self.step, S.TRAIN_EPOCH: epoch, S.TRAIN_LR: result.lr,
                                S.TRAIN_GRAD_NORM: result.grad_norm, S.TRAIN_RESUMED_FROM: self.resumed_from, **values}
         if self.usage is not None and result.ids is not None:
