@@ -101,7 +101,7 @@ class SessionSampler:
 
     def __init__(self, exclude: set[int], interval: float = 0.5) -> None:
         self.exclude, self.interval = set(exclude), interval
-        self.peak, self.peak_pss, self.samples = 0, 0, 0  # PSS: shared pages split among their users
+        self.peak, self.peak_pss, self.samples = 0, 0, 0  # PSS: shared pages split among their users (1 in 10)
         self.at_peak: dict[str, str] = {}  # title -> "processes x mean RSS (shared)" at the peak
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (title, user+system seconds since start)
         self._baseline = {p.pid: _cpu_seconds(p) for p in self._processes()}  # the driver's CPU so far
@@ -138,14 +138,16 @@ class SessionSampler:
         for proc in self._processes():
             try:
                 with proc.oneshot():
-                    memory = proc.memory_full_info()  # rss, shared, uss, pss (smaps_rollup)
+                    # PSS walks every page table (smaps_rollup): ~0.1 CPU-s per sample here, so 1 in 10
+                    full = self.samples % 10 == 0
+                    memory = proc.memory_full_info() if full else proc.memory_info()
                     seconds = _cpu_seconds(proc) - self._baseline.get(proc.pid, 0.0)
                     title = _title(proc)  # re-read: an idle Ray worker later becomes an actor
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue  # a worker that exited between listing and reading
             self.cpu[proc.pid] = (title, seconds)
             by_title.setdefault(title, []).append((memory.rss, memory.shared))
-            pss += memory.pss
+            pss += memory.pss if full else 0
         self.peak_pss = max(self.peak_pss, pss)
         total = sum(rss for v in by_title.values() for rss, _ in v)
         if total > self.peak:
