@@ -1,6 +1,6 @@
 """Benchmark of the tokenize pipeline against its four targets, measured side by side in one run.
 
-    python benchmarks/tokenize_pipeline.py             # full: 2,000 photos, 16 shards, ~15 min
+    python benchmarks/tokenize_pipeline.py             # full: 2,000 photos, 16 shards, ~15-20 min idle
     python benchmarks/tokenize_pipeline.py --quick     # smoke run: 200 photos, 8 shards
 
 Everything runs on this machine: a moto S3 server on a free loopback port (started and stopped
@@ -85,8 +85,8 @@ def fit_to_cpus(cpus: int) -> list[str]:
     The guide branch costs ~3.5x the semantic one per image and decoding ~3% of both, so the guide
     gets all but a quarter CPU each for the semantic actor and for read+decode tasks, split over
     one actor per CPU (torch runs one thread per actor: `int(cpus_per_actor)`, at least 1). The
-    defaults (1 CPU for each of read, guide and semantic) need 3 CPUs: on 2 the read tasks never
-    get one and the job waits forever.
+    defaults (1 CPU for each of read, guide and semantic) reserve 3 CPUs, which on 2 cores either
+    starves the read tasks or oversubscribes the machine 1.5x.
     """
     guide_cpus = cpus - 0.5
     return ["read_cpus=0.25", f"guide.actors={cpus}", f"guide.cpus_per_actor={guide_cpus / cpus:g}",
@@ -465,22 +465,22 @@ def report_lines(r: Results) -> list[str]:
     cal, p1, p4, plain, st = r.calibration, r.pipeline_1x, r.pipeline_4x, r.plain_best, r.storage
     rows = [
         ("pipeline efficiency", r.ratios["efficiency"], ">=", TARGETS["efficiency"],
-         f"{p4['images_per_second']:.2f} img/s x ({cal['decode_s'] * 1e3:.1f} ms decode + "
-         f"{cal['model_s'] * 1e3:.0f} ms model, {cal['threads']} threads, 1 process)"),
+         (f"{p4['images_per_second']:.2f} img/s x ({cal['decode_s'] * 1e3:.1f} ms decode + "
+         f"{cal['model_s'] * 1e3:.0f} ms model, {cal['threads']} threads, 1 process)")),
         ("pipeline / plain DataLoader", r.ratios["vs_plain"], ">=", TARGETS["vs_plain"],
-         f"{p4['images_per_second']:.2f} vs {plain['images_per_second']:.2f} img/s "
-         f"(plain: {plain['workers']} workers, best of {sorted(r.plain_sweep)})"),
+         (f"{p4['images_per_second']:.2f} vs {plain['images_per_second']:.2f} img/s "
+         f"(plain: {plain['workers']} workers, best of {sorted(r.plain_sweep)})")),
         ("peak memory 4x / 1x", r.ratios["memory_4x_over_1x"], "<=", TARGETS["memory_4x_over_1x"],
-         f"{p4['peak_rss_bytes'] / 2**20:.0f} MiB ({p4['images']} img) vs {p1['peak_rss_bytes'] / 2**20:.0f} MiB "
-         f"({p1['images']} img); by PSS (shared pages counted once): {r.ratios['memory_4x_over_1x_pss']:.3f}"),
+         (f"{p4['peak_rss_bytes'] / 2**20:.0f} MiB ({p4['images']} img) vs {p1['peak_rss_bytes'] / 2**20:.0f} MiB "
+         f"({p1['images']} img); by PSS (shared pages counted once): {r.ratios['memory_4x_over_1x_pss']:.3f}")),
         ("token bytes / raw uint16", r.ratios["token_bytes_over_raw"], "<=", TARGETS["token_bytes_over_raw"],
-         f"{st['token_bytes_per_image']:.1f} vs {st['raw_token_bytes_per_image']} B/img; metadata columns "
-         f"{st['metadata_bytes_per_image']:.1f} B/img, footers {st['footer_and_headers_bytes_per_image']:.1f} B/img"),
+         (f"{st['token_bytes_per_image']:.1f} vs {st['raw_token_bytes_per_image']} B/img; metadata columns "
+         f"{st['metadata_bytes_per_image']:.1f} B/img, footers {st['footer_and_headers_bytes_per_image']:.1f} B/img")),
         ("same, uniform random ids", r.ratios["token_bytes_over_raw_uniform_ids"], "<=",
          TARGETS["token_bytes_over_raw"],
-         f"{r.storage_uniform['token_bytes_per_image']:.1f} B/img: the corpus rewritten by `CorpusWriter` with "
+         (f"{r.storage_uniform['token_bytes_per_image']:.1f} B/img: the corpus rewritten by `CorpusWriter` with "
          f"every id drawn uniformly from its vocabulary (random weights use only "
-         f"{_distinct(r.storage_uniform['distinct_ids_in_pipeline_corpus'])} ids)"),
+         f"{_distinct(r.storage_uniform['distinct_ids_in_pipeline_corpus'])} ids)")),
     ]
     lines = ["| measure | value | target | met | details |", "| --- | ---: | ---: | :-: | --- |"]
     for name, value, op, target, detail in rows:
@@ -491,15 +491,15 @@ def report_lines(r: Results) -> list[str]:
 
 def detail_lines(r: Results) -> list[str]:
     cal = r.calibration
-    lines = [f"- machine: {r.machine['cpus']} CPUs, {r.machine['memory_gib']} GiB; load average (1/5/15 min) "
+    lines = [(f"- machine: {r.machine['cpus']} CPUs, {r.machine['memory_gib']} GiB; load average (1/5/15 min) "
              f"before {_load(r.machine['load_before'])}, after {_load(r.machine['load_after'])}; "
-             f"python {r.machine['python']}, torch {r.machine['torch']}, ray {r.machine['ray']}",
-             f"- calibration ({cal['images']} images, one process): decode+resize {cal['decode_s'] * 1e3:.1f} ms; "
+             f"python {r.machine['python']}, torch {r.machine['torch']}, ray {r.machine['ray']}"),
+             (f"- calibration ({cal['images']} images, one process): decode+resize {cal['decode_s'] * 1e3:.1f} ms; "
              f"with {cal['threads']} torch threads guide {cal['guide_s'] * 1e3:.0f} ms + semantic "
              f"{cal['semantic_s'] * 1e3:.0f} ms, with 1 thread {cal['guide_s_1thread'] * 1e3:.0f} + "
-             f"{cal['semantic_s_1thread'] * 1e3:.0f} ms per image",
-             f"- efficiency per CPU against 1-thread work (pipeline img/s x (decode + 1-thread model s/img) / "
-             f"{r.config['cpus']} CPUs): {r.ratios['efficiency_per_cpu_1thread']:.3f}"]
+             f"{cal['semantic_s_1thread'] * 1e3:.0f} ms per image"),
+             (f"- efficiency per CPU against 1-thread work (pipeline img/s x (decode + 1-thread model s/img) / "
+             f"{r.config['cpus']} CPUs): {r.ratios['efficiency_per_cpu_1thread']:.3f}")]
     for label, run in (("1x", r.pipeline_1x), ("4x", r.pipeline_4x)):
         busy = run["cpu_seconds"] / (run["seconds"] * r.config["cpus"])
         lines.append(f"- pipeline {label}: {run['images']} images, {run['errors']} errors in {run['seconds']:.1f} s "
