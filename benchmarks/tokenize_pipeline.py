@@ -18,6 +18,7 @@ here, as tests/conftest.py does), sample-photo shards written to it, then:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import concurrent.futures
 import itertools
 import json
@@ -126,10 +127,8 @@ class SessionSampler:
     def _processes(self) -> list[psutil.Process]:
         root = psutil.Process()
         for pid in list(self.exclude):  # the S3 server's own children too
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):  # the server may already be gone
                 self.exclude.update(c.pid for c in psutil.Process(pid).children(recursive=True))
-            except psutil.NoSuchProcess:
-                pass
         return [p for p in [root, *root.children(recursive=True)] if p.pid not in self.exclude]
 
     def _sample(self) -> None:

@@ -17,6 +17,18 @@ import uuid
 
 import pytest
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
+    spin-waiting makes them ~10x slower; the thread count is restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 S3_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "dualtok-test-key",
     "AWS_SECRET_ACCESS_KEY": "dualtok-test-secret-value",

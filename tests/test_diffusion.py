@@ -32,19 +32,10 @@ from dualtok_core.errors import BundleError, DualtokError, ImageInputError, Toke
 from dualtok_core.imaging import check_uint8_images, resize_float, to_model_input
 from tests.released_formats import save_stable_diffusion
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 RUN = {"size": 32, "steps": 4, "strength": 1.0, "guidance": 3.0, "seed": 0}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core runner OpenMP's
-    spin-waiting made them 10x slower; restored afterwards for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

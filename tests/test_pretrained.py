@@ -18,20 +18,12 @@ from jobs.cli import main as cli
 from jobs.make_bundle import fetch_checkpoint
 from tests.released_formats import save_blip2, save_movq, tiny_stable_diffusion
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
 
 SEMANTIC_RANDOM = ["decoder", "generation_proj", "generation_queries", "quantizer", "reverse_qformer", "temperature"]
 # The guide encoder is deeper than MoVQ's: MoVQ's x8 encoder has nothing for these.
 GUIDE_RANDOM = ["encoder.down_blocks.3.downsamplers", "encoder.down_blocks.4", "encoder.down_blocks.5.resnets"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all thread-sync overhead on a busy 2-core box; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,8 @@ from dualtok_core.qformer import causal_query_mask
 from dualtok_core.semantic import PRESETS, STAGE_TRAINABLE, SemanticTokenizer, contrastive_loss
 from tests.released_formats import save_blip2
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all thread-sync overhead: on a busy 2-core box one thread is ~10x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 CAPTIONS = [
     "a portrait of an astronaut in a white space suit with a flag",

@@ -86,14 +86,6 @@ def local_shards(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine OpenMP spinning costs 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def images_at(photos: list, size: int) -> torch.Tensor:
     batch = [to_model_input(torch.from_numpy(np.ascontiguousarray(image))[None], size, torch.device("cpu"),
