@@ -26,7 +26,7 @@ from dualtok_core.imaging import resize_float, to_uint8
 from pipelines import schemas as S
 from pipelines.audit_stages import OK, PAYLOAD, STAGE_SCORE, VariantSpec, fail_rows, image_path, unpack
 from pipelines.perceptual import LPIPS, ClipScorer, PerceptualWeights
-from pipelines.stages import StageResources, _pick_device
+from pipelines.stages import StageResources, pick_device
 from pipelines.storage import commit_bytes, filesystem, join
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class ScoreReconstruction:
 
     def __init__(self, settings: ScoreSettings, resources: StageResources) -> None:
         self.settings = settings
-        device = _pick_device(resources.device)  # the learned metrics use a GPU when the actor has one
+        device = pick_device(resources.device)  # the learned metrics use a GPU when the actor has one
         if device.type == "cpu":
             torch.set_num_threads(max(1, int(resources.cpus_per_actor)))
         w = settings.weights

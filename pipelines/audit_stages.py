@@ -27,7 +27,7 @@ from dualtok_core.presets import PARTS
 from pipelines import schemas as S
 from pipelines.decode import DecodeConfig, DecodeError, decode_image
 from pipelines.shards import iter_samples
-from pipelines.stages import BundleSource, StageResources, _pick_device, _pick_dtype
+from pipelines.stages import BundleSource, StageResources, pick_device, pick_dtype
 from pipelines.storage import filesystem
 
 logger = logging.getLogger(__name__)
@@ -175,8 +175,8 @@ class Reconstruct:
 
     def __init__(self, source: BundleSource, guides: dict[str, BundleSource], variants: tuple[VariantSpec, ...],
                  render: RenderSettings, resources: StageResources) -> None:
-        self.device = _pick_device(resources.device)
-        self.dtype = _pick_dtype(resources.dtype, self.device)
+        self.device = pick_device(resources.device)
+        self.dtype = pick_dtype(resources.dtype, self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(resources.cpus_per_actor)))
         self.variants, self.render = variants, render

@@ -169,3 +169,17 @@ TRAIN_METRICS_SCHEMA = pa.schema(
         ],
     ]
 )
+
+
+# ---- shard index (`dualtok shards`): the img2dataset-style `<shard>.parquet` beside each tar ----
+SHARD_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error_message", pa.string()),
+    ]
+)

@@ -3,7 +3,7 @@
 Layout, per shard `NNNNN.tar` under the output prefix (any fsspec URI):
 - tar members per sample: `<key>.<ext>` (the image), `<key>.txt` (only when a caption exists),
   `<key>.json` (key, caption, width, height, original_width, original_height, source, status);
-- `NNNNN.parquet` beside it: one row per input, failed ones included (`SHARD_INDEX_SCHEMA`);
+- `NNNNN.parquet` beside it: one row per input, failed ones included (`schemas.SHARD_INDEX_SCHEMA`);
 - `NNNNN_stats.json` beside it: counts, failures by reason, and the input digest. It is written
   last, so it marks the shard as finished: a rerun skips shards whose stats carry the same digest.
 
@@ -43,6 +43,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, UnidentifiedImageError
 
 from dualtok_core.errors import DualtokError
+from pipelines import schemas as S
 from pipelines.configuration import ConfigError
 from pipelines.storage import commit_bytes, full_uri
 
@@ -57,19 +58,6 @@ DEFAULT_PATH_COLUMN = "path"
 DEFAULT_CAPTION_COLUMN = "caption"
 STATUS_SUCCESS = "success"
 STATUS_FAILED = "failed_to_open"
-
-SHARD_INDEX_SCHEMA = pa.schema(
-    [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("caption", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("error_message", pa.string()),
-    ]
-)
-
 
 @dataclass(frozen=True)
 class ImageSource:
@@ -361,9 +349,9 @@ def _finished_stats(fs: fsspec.AbstractFileSystem, stats_path: str, digest: str)
 
 
 def _index_parquet(rows: list[dict[str, Any]]) -> bytes:
-    columns = {name: [row[name] for row in rows] for name in SHARD_INDEX_SCHEMA.names}
+    columns = {name: [row[name] for row in rows] for name in S.SHARD_INDEX_SCHEMA.names}
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pydict(columns, schema=SHARD_INDEX_SCHEMA), buffer)
+    pq.write_table(pa.Table.from_pydict(columns, schema=S.SHARD_INDEX_SCHEMA), buffer)
     return buffer.getvalue()
 
 

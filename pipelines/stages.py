@@ -172,8 +172,8 @@ class _EncodeTokens(abc.ABC):
     column = ""
 
     def __init__(self, source: BundleSource, resources: StageResources) -> None:
-        self.device = _pick_device(resources.device)
-        self.dtype = _pick_dtype(resources.dtype, self.device)
+        self.device = pick_device(resources.device)
+        self.dtype = pick_dtype(resources.dtype, self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(resources.cpus_per_actor)))
         self.tokenizer = source.load((self.part,)).to(self.device, self.dtype)
@@ -224,13 +224,13 @@ class EncodeSemanticTokens(_EncodeTokens):
         return self.tokenizer.encode_semantic(images)
 
 
-def _pick_device(name: str) -> torch.device:
+def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
