@@ -76,22 +76,19 @@ class BenchConfig:
         return -(-self.photos // self.per_shard)
 
     def pipeline_overrides(self) -> list[str]:
-        return [f"bundle={self.bundle}", f"guide.batch_size={self.batch_size}",
-                f"semantic.batch_size={self.batch_size}", *fit_to_cpus(self.cpus), *self.overrides]
+        return [f"bundle={self.bundle}", f"encoder.batch_size={self.batch_size}", *fit_to_cpus(self.cpus),
+                *self.overrides]
 
 
 def fit_to_cpus(cpus: int) -> list[str]:
-    """Stage resources that fill `cpus` CPUs with single-threaded workers in proportion to the work.
+    """`dualtok tokenize` overrides for `jobs.tokenize.cpu_node_resources` (what `dualtok demo`
+    uses): one single-threaded encoder actor per CPU, each holding both branches, and a quarter
+    CPU for the read+decode actor. The job's defaults (a 1-CPU read actor beside one 1-CPU encoder,
+    sized for GPU nodes) would leave half of this 2-core machine idle."""
+    from jobs.tokenize import cpu_node_resources
 
-    The guide branch costs ~3.5x the semantic one per image and decoding ~3% of both, so the guide
-    gets all but a quarter CPU each for the semantic actor and for read+decode tasks, split over
-    one actor per CPU (torch runs one thread per actor: `int(cpus_per_actor)`, at least 1). The
-    defaults (1 CPU for each of read, guide and semantic) reserve 3 CPUs, which on 2 cores either
-    starves the read tasks or oversubscribes the machine 1.5x.
-    """
-    guide_cpus = cpus - 0.5
-    return ["read_cpus=0.25", f"guide.actors={cpus}", f"guide.cpus_per_actor={guide_cpus / cpus:g}",
-            "semantic.actors=1", "semantic.cpus_per_actor=0.25"]
+    read_cpus, encoder = cpu_node_resources(cpus)
+    return [f"read_cpus={read_cpus}", f"encoder.actors={encoder.actors}", f"encoder.cpus_per_actor={encoder.cpus_per_actor}"]
 
 
 # ---- measurement helpers --------------------------------------------------------------------
@@ -173,7 +170,7 @@ def _cpu_seconds(proc: psutil.Process) -> float:
 
 
 def _title(proc: psutil.Process) -> str:
-    """'ray::MapWorker(MapBatches(EncodeGuideTokens))', 'raylet', 'gcs_server', 'driver', ..."""
+    """'ray::MapWorker(MapBatches(EncodeTokens))', 'raylet', 'gcs_server', 'driver', ..."""
     if proc.pid == os.getpid():
         return "driver"
     words = proc.cmdline() or [proc.name()]
@@ -279,14 +276,39 @@ def run_pipeline(inputs: str, output: str, config: BenchConfig, exclude: set[int
 
 def run_plain(inputs: str, workers: int, config: BenchConfig, scratch: str) -> dict[str, Any]:
     """`plain_dataloader.py` in its own process, as users run it (torch's default threads)."""
+    process, result = _start_plain(inputs, workers, config, scratch)
+    if process.wait() != 0:
+        raise RuntimeError(f"plain_dataloader.py failed on {inputs} (exit {process.returncode})")
+    with open(result) as handle:
+        return json.load(handle)
+
+
+def run_plain_split(bucket: str, config: BenchConfig, scratch: str) -> dict[str, Any]:
+    """The machine's ceiling for this work: one single-threaded plain process per CPU, all at once,
+    each on its own contiguous part of the shards. No pipeline on these CPUs can do the same work
+    faster; the pipeline's ratio to this is its overhead (Ray, the driver, the commit protocol)."""
+    parts = min(config.cpus, config.shards)
+    bounds = [config.shards * i // parts for i in range(parts + 1)]
+    started = [_start_plain(shard_pattern(bucket, hi, lo), 0, config, scratch, threads=1)
+               for lo, hi in zip(bounds, bounds[1:])]
+    runs = []
+    for process, result in started:
+        if process.wait() != 0:
+            raise RuntimeError(f"a split plain_dataloader.py run failed (exit {process.returncode})")
+        with open(result) as handle:
+            runs.append(json.load(handle))
+    images, seconds = sum(r["images"] for r in runs), max(r["seconds"] for r in runs)
+    return {"processes": parts, "images": images, "seconds": seconds, "images_per_second": images / seconds}
+
+
+def _start_plain(inputs: str, workers: int, config: BenchConfig, scratch: str,
+                 threads: int | None = None) -> tuple[subprocess.Popen, str]:
     out = tempfile.mkdtemp(dir=scratch, prefix=f"plain-w{workers}-")
     result = os.path.join(out, "result.json")
     command = [sys.executable, str(HERE / "plain_dataloader.py"), "--inputs", inputs, "--output", out,
                "--bundle", config.bundle, "--batch-size", str(config.batch_size), "--workers", str(workers),
-               "--json", result]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=REPO)
-    with open(result) as handle:
-        return json.load(handle)
+               "--json", result, *(["--threads", str(threads)] if threads else [])]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=REPO), result
 
 
 def corpus_bytes(output: str) -> dict[str, Any]:
@@ -389,13 +411,15 @@ class Results:
     pipeline_4x: dict[str, Any] = field(default_factory=dict)
     plain_sweep: dict[int, dict[str, Any]] = field(default_factory=dict)
     plain_best: dict[str, Any] = field(default_factory=dict)
+    plain_split: dict[str, Any] = field(default_factory=dict)
     storage: dict[str, Any] = field(default_factory=dict)
     storage_uniform: dict[str, Any] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
 
 
-def shard_pattern(bucket: str, count: int) -> str:
-    return f"s3://{bucket}/shards/{{00000..{count - 1:05d}}}.tar"
+def shard_pattern(bucket: str, count: int, first: int = 0) -> str:
+    """Shards first..count-1 as a brace pattern (both `dualtok tokenize` and webdataset expand it)."""
+    return f"s3://{bucket}/shards/{{{first:05d}..{count - 1:05d}}}.tar"
 
 
 def run_benchmark(config: BenchConfig, scratch: str) -> Results:
@@ -429,6 +453,8 @@ def run_benchmark(config: BenchConfig, scratch: str) -> Results:
         best = max(results.plain_sweep, key=lambda w: results.plain_sweep[w]["images_per_second"])
         results.plain_best = run_plain(shard_pattern(bucket, config.shards), best, config, scratch)
         logger.info("plain, best (%d workers), all shards: %s", best, results.plain_best)
+        results.plain_split = run_plain_split(bucket, config, scratch)
+        logger.info("plain, one 1-thread process per CPU on split shards: %s", results.plain_split)
         results.storage = corpus_bytes(f"s3://{bucket}/corpus-4x")
         results.storage_uniform = uniform_token_corpus(f"s3://{bucket}/corpus-4x", scratch, config.per_shard)
     results.machine["load_after"] = os.getloadavg()
@@ -444,6 +470,8 @@ def ratios(r: Results) -> dict[str, float]:
         "efficiency_per_cpu_1thread": pipeline * (r.calibration["decode_s"] + r.calibration["model_s_1thread"])
         / r.config["cpus"],
         "vs_plain": pipeline / r.plain_best["images_per_second"],
+        "ceiling_vs_plain": r.plain_split["images_per_second"] / r.plain_best["images_per_second"],
+        "vs_ceiling": pipeline / r.plain_split["images_per_second"],
         "memory_4x_over_1x": r.pipeline_4x["peak_rss_bytes"] / r.pipeline_1x["peak_rss_bytes"],
         "memory_4x_over_1x_pss": r.pipeline_4x["peak_pss_bytes"] / r.pipeline_1x["peak_pss_bytes"],
         "token_bytes_over_raw": r.storage["token_ratio"],
@@ -511,18 +539,22 @@ def detail_lines(r: Results) -> list[str]:
                      f"{run['images_per_second']:.2f} img/s (torch threads {run['torch_threads']})")
     lines.append(f"- plain DataLoader, best ({r.plain_best['workers']} workers), {r.plain_best['images']} images: "
                  f"{r.plain_best['images_per_second']:.2f} img/s")
+    split = r.plain_split
+    lines.append(f"- ceiling: {split['processes']} plain processes at once, 1 torch thread each, on disjoint shards: "
+                 f"{split['images_per_second']:.2f} img/s = {r.ratios['ceiling_vs_plain']:.3f}x the best plain run; "
+                 f"the pipeline reaches {r.ratios['vs_ceiling']:.3f} of it")
     columns = ", ".join(f"{k} {v}" for k, v in r.storage["per_column_bytes_per_image"].items())
     lines.append(f"- corpus bytes per image by column: {columns}; whole files {r.storage['file_bytes_per_image']:.1f}")
     return lines
 
 
 def _cpu_groups(run: dict[str, Any]) -> str:
-    """CPU seconds by role; pooled task workers (read+decode) show up under their idle title."""
+    """CPU seconds by role; a worker that has not yet become an actor shows up as ray::IDLE."""
     groups: dict[str, float] = {}
     for title, seconds in run["cpu_by_process"].items():
-        role = ("guide actors" if "EncodeGuide" in title else "semantic actors" if "EncodeSemantic" in title
-                else "driver" if title == "driver" else "task workers (read+decode) and idle workers"
-                if title in ("ray::IDLE", "ray::ReadAndDecode") or "MapBatches" in title else "Ray's own processes")
+        role = ("encoder actors" if "EncodeTokens" in title
+                else "driver" if title == "driver" else "read+decode actors and idle workers"
+                if title == "ray::IDLE" or "ReadAndDecode" in title else "Ray's own processes")
         groups[role] = groups.get(role, 0.0) + seconds
     return ", ".join(f"{k} {v:.0f} s" for k, v in sorted(groups.items(), key=lambda kv: -kv[1]))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jobs.job_config import RayConfig, init_ray
-    from jobs.tokenize import TokenizeConfig, plan_from_config, print_summary
+    from jobs.tokenize import TokenizeConfig, cpu_node_resources, plan_from_config, print_summary
     from pipelines.sample_photos import write_sample_shards
     from pipelines.tokenize import run_tokenize
 
@@ -35,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     shards, corpus = workdir / "shards", workdir / "corpus"
     written = write_sample_shards(str(shards), count=args.photos, per_shard=args.per_shard)
     print(f"shards:   {len(written.shards)} WebDataset shards of {written.successes} photos in {shards}")
-    config = TokenizeConfig(inputs=[str(shards)], output=str(corpus), bundle=args.preset, ray=RayConfig())
+    read_cpus, encoder = cpu_node_resources(os.cpu_count() or 1)  # the demo runs on this machine's CPUs
+    config = TokenizeConfig(inputs=[str(shards)], output=str(corpus), bundle=args.preset, read_cpus=read_cpus,
+                            encoder=encoder, ray=RayConfig())
     plan = plan_from_config(config)
     init_ray(config.ray, min_cpus=plan.required_cpus)
     summary = run_tokenize(plan)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,9 +34,10 @@ class TokenizeConfig:
     seed: int = 0  # weights seed when `bundle` is a preset
     streams: Literal["both", "guide", "semantic"] = "both"
     image: ImageConfig = ImageConfig()
-    guide: StageResources = StageResources()
-    semantic: StageResources = StageResources()
-    read_cpus: float = 1.0
+    encoder: StageResources = StageResources()  # one actor pool; each actor holds every requested branch
+    read_cpus: float = 1.0  # per read+decode actor
+    read_actors: int = 1  # read+decode actors: the pool starts with one and grows to this many when encoders wait
+    prefetch_batches: int = 4  # decoded batches in flight per encoder actor: bounds the object store's use
     max_shards: int | None = None  # tokenize at most this many pending shards this run
     on_bundle_change: Literal["error", "keep"] = "error"
     storage: StorageConfig = StorageConfig()
@@ -46,6 +48,25 @@ class TokenizeConfig:
             raise ValueError("inputs is empty: give shard URIs, a prefix, a glob, a brace pattern or @list")
         if not self.output:
             raise ValueError("output is empty: give the corpus URI (a folder or s3://bucket/prefix)")
+        if self.prefetch_batches < 1 or self.read_actors < 1 or self.read_cpus <= 0:
+            raise ValueError(f"prefetch_batches and read_actors must be >= 1 and read_cpus > 0, got "
+                             f"{self.prefetch_batches}, {self.read_actors} and {self.read_cpus}")
+
+
+def cpu_node_resources(cpus: int, batch_size: int = StageResources.batch_size,
+                       max_actors: int = 4) -> tuple[float, StageResources]:
+    """(read_cpus, encoder resources) that fill a CPU-only machine of `cpus` cores.
+
+    Decoding costs ~1-2 % of encoding on CPU, so one read actor gets a quarter CPU and the rest goes
+    to encoder actors: one per core up to `max_actors` (each holds both branches' weights and
+    activations: ~0.7 GB with `small`), then more torch threads per actor. Single-threaded actors
+    side by side beat one actor using every core (torch's intra-op scaling on 2 cores is ~1.6x;
+    docs/benchmarks.md). The job's defaults (1 read CPU, one 1-CPU actor) suit GPU nodes instead.
+    """
+    actors = max(1, min(cpus, max_actors))
+    per_actor = max(cpus - 0.25, 0.75) / actors
+    per_actor = math.floor(per_actor * 1000) / 1000  # a short number that never sums past `cpus`
+    return 0.25, StageResources(batch_size=batch_size, actors=actors, cpus_per_actor=per_actor)
 
 
 def plan_from_config(config: TokenizeConfig) -> TokenizePlan:
@@ -57,7 +78,9 @@ def plan_from_config(config: TokenizeConfig) -> TokenizePlan:
         inputs=list(config.inputs), output=config.output, source=source, streams=config.streams,
         decode=DecodeConfig(size=size, max_pixels=config.image.max_pixels, min_side=config.image.min_side,
                             draft=config.image.jpeg_draft),
-        guide=config.guide, semantic=config.semantic, read_cpus=config.read_cpus, max_shards=config.max_shards,
+        encoder=config.encoder, read_cpus=config.read_cpus, read_actors=config.read_actors,
+        prefetch_batches=config.prefetch_batches,
+        max_shards=config.max_shards,
         on_bundle_change=config.on_bundle_change, storage_options=options, resolved_config=to_dict(config),
     )
 

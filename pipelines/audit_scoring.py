@@ -69,7 +69,7 @@ class ScoreReconstruction:
         self.settings = settings
         device = pick_device(resources.device)  # the learned metrics use a GPU when the actor has one
         if device.type == "cpu":
-            torch.set_num_threads(max(1, int(resources.cpus_per_actor)))
+            torch.set_num_threads(resources.torch_threads)
         w = settings.weights
         self.lpips = LPIPS(w.lpips_alexnet, w.lpips_linear).to(device) if w.lpips_alexnet else None
         self.clip = ClipScorer(w.clip, device) if w.clip else None

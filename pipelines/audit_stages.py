@@ -178,7 +178,7 @@ class Reconstruct:
         self.device = pick_device(resources.device)
         self.dtype = pick_dtype(resources.dtype, self.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(resources.cpus_per_actor)))
+            torch.set_num_threads(resources.torch_threads)
         self.variants, self.render = variants, render
         self.tokenizer = source.load(PARTS).to(self.device, self.dtype)
         used = sorted({v.guide for v in variants if v.guide not in (None, MAIN_GUIDE)})

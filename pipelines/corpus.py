@@ -39,14 +39,51 @@ _TOKEN_ENCODING = {f"{S.GUIDE_TOKENS}.list.element": "DELTA_BINARY_PACKED",
 
 @dataclass
 class _PendingShard:
-    rows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """One shard's rows so far: SAMPLE rows as the column slices they arrived in (no per-row
+    objects: the driver handles every row of the corpus), ERROR rows (rare) one by one."""
+
+    chunks: list[dict[str, np.ndarray]] = field(default_factory=list)
+    samples: set[int] = field(default_factory=set)  # indices of SAMPLE rows received
     errors: dict[int, dict[str, Any]] = field(default_factory=dict)
     expected: int | None = None
     started: float = field(default_factory=time.monotonic)
 
     @property
     def complete(self) -> bool:
-        return self.expected is not None and len(self.rows) + len(self.errors) >= self.expected
+        return self.expected is not None and len(self.samples) + len(self.errors) >= self.expected
+
+    def add(self, batch: dict[str, np.ndarray], rows: np.ndarray, columns: list[str]) -> None:
+        kinds = batch[S.ROW_KIND][rows]
+        for i in rows[kinds == S.END]:
+            self.expected = int(batch[S.SHARD_SAMPLES][i])
+        sample_rows = rows[kinds == S.SAMPLE]
+        if len(sample_rows):
+            self.chunks.append({name: batch[name][sample_rows] for name in columns})
+            for index in batch[S.INDEX][sample_rows].tolist():
+                self.samples.add(index)
+                self.errors.pop(index, None)  # a retried batch succeeded where an earlier try failed
+        for i in rows[kinds == S.ERROR]:
+            if int(batch[S.INDEX][i]) not in self.samples:
+                self.errors[int(batch[S.INDEX][i])] = _error_row(batch, i)
+
+    def table(self, schema: pa.Schema) -> pa.Table:
+        """SAMPLE rows in index order, each index once (a batch re-delivered after a retried task
+        carries the same rows again)."""
+        if not self.chunks:
+            return schema.empty_table()
+        merged = {name: np.concatenate([c[name] for c in self.chunks]) for name in self.chunks[0]}
+        _, first = np.unique(merged[S.INDEX], return_index=True)  # sorted by index, first delivery
+        arrays = []
+        for f in schema:
+            values = merged[f.name][first]
+            if pa.types.is_fixed_size_list(f.type):
+                flat = pa.array(np.ascontiguousarray(values, dtype=np.uint16).reshape(-1), pa.uint16())
+                arrays.append(pa.FixedSizeListArray.from_arrays(flat, f.type.list_size))
+            elif f.name == S.CAPTION:
+                arrays.append(pa.array([_text_or_none(v) for v in values], f.type))
+            else:
+                arrays.append(pa.array(values.tolist() if values.dtype == object else values, f.type))
+        return pa.Table.from_arrays(arrays, schema=schema)
 
 
 @dataclass(frozen=True)
@@ -89,29 +126,19 @@ class CorpusWriter:
 
     def add(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         """Take one batch of rows; returns the markers of shards this batch completed."""
-        touched = set()
-        for i, kind in enumerate(batch[S.ROW_KIND]):
-            shard = str(batch[S.SHARD][i])
-            pending = self.pending.setdefault(shard, _PendingShard())
-            touched.add(shard)
-            if kind == S.END:
-                pending.expected = int(batch[S.SHARD_SAMPLES][i])
-                continue
-            index = int(batch[S.INDEX][i])
-            # keyed by index: a batch re-delivered after a retried task cannot add a row twice
-            if kind == S.SAMPLE:
-                pending.rows[index] = _corpus_row(batch, i, self.layout)
-                pending.errors.pop(index, None)
-            elif index not in pending.rows:
-                pending.errors[index] = _error_row(batch, i)
-        return [self.commit(shard) for shard in sorted(touched) if self.pending[shard].complete]
+        shards = batch[S.SHARD]
+        touched = sorted({str(s) for s in shards})
+        for shard in touched:
+            rows = np.flatnonzero(shards == shard) if len(touched) > 1 else np.arange(len(shards))
+            self.pending.setdefault(shard, _PendingShard()).add(batch, rows, self.schema.names)
+        return [self.commit(shard) for shard in touched if self.pending[shard].complete]
 
     def commit(self, shard: str) -> dict[str, Any]:
         """Write data, then errors, then the marker: the marker's presence means all are whole."""
         pending = self.pending.pop(shard)
-        rows = [pending.rows[i] for i in sorted(pending.rows)]
+        table = pending.table(self.schema)
         errors = [pending.errors[i] for i in sorted(pending.errors)]
-        data = _parquet_bytes(pa.Table.from_pylist(rows, schema=self.schema), _DICTIONARY_COLUMNS, _TOKEN_ENCODING)
+        data = _parquet_bytes(table, _DICTIONARY_COLUMNS, _TOKEN_ENCODING)
         err = _parquet_bytes(pa.Table.from_pylist(errors, schema=S.ERRORS_SCHEMA), True, None)
         data_path = self.layout.path(DATA_DIR, f"{shard}.parquet")
         errors_path = self.layout.path(ERRORS_DIR, f"{shard}.parquet")
@@ -119,7 +146,7 @@ class CorpusWriter:
         commit_bytes(self.fs, _fs_path(self.fs, errors_path), err)
         marker = {
             "shard": shard, "shard_uri": self.shard_uris.get(shard, ""), "samples": pending.expected,
-            "rows": len(rows), "errors": len(errors),
+            "rows": table.num_rows, "errors": len(errors),
             "errors_by_reason": _reasons(errors), "run_id": self.run_id,
             "bundle_fingerprint": self.layout.metadata.get("bundle_fingerprint"),
             "data_file": f"{DATA_DIR}/{shard}.parquet", "data_bytes": len(data),
@@ -134,18 +161,6 @@ class CorpusWriter:
 
 def _fs_path(fs: Any, uri: str) -> str:
     return fs._strip_protocol(uri)
-
-
-def _corpus_row(batch: dict[str, np.ndarray], i: int, layout: CorpusLayout) -> dict[str, Any]:
-    row = {
-        S.KEY: str(batch[S.KEY][i]), S.SHARD: str(batch[S.SHARD][i]), S.INDEX: int(batch[S.INDEX][i]),
-        S.CAPTION: _text_or_none(batch[S.CAPTION][i]), S.WIDTH: int(batch[S.WIDTH][i]), S.HEIGHT: int(batch[S.HEIGHT][i]),
-    }
-    if layout.guide_len is not None:
-        row[S.GUIDE_TOKENS] = np.asarray(batch[S.GUIDE_TOKENS][i], dtype=np.uint16)
-    if layout.semantic_len is not None:
-        row[S.SEMANTIC_TOKENS] = np.asarray(batch[S.SEMANTIC_TOKENS][i], dtype=np.uint16)
-    return row
 
 
 def _text_or_none(value: Any) -> str | None:

@@ -1,11 +1,12 @@
 """The tokenize pipeline: WebDataset shards -> Ray Data -> a Parquet token corpus, exactly once.
 
-    shard URIs (pending only) -> ReadShards + DecodeImages (CPU tasks, fused by Ray Data)
-      -> EncodeGuideTokens (actor pool) -> EncodeSemanticTokens (actor pool)
+    shard URIs (pending only) -> ReadAndDecode (a pool of torch-free CPU actors, one shard per call)
+      -> EncodeTokens (actor pool; each actor holds the guide and/or semantic branch)
       -> driver: CorpusWriter commits each shard whole once all its samples are accounted for.
 
-Only token rows (a few hundred bytes an image) reach the driver; images stay in the object store
-and spill to disk under pressure. The unit of work and of commit is the input shard: a rerun
+Decoded images cross the object store once, from a read actor into an encoder actor, and the bytes
+in flight are capped (`prefetch_batches` per actor), so memory stays flat however large the input.
+Only token rows (a few hundred bytes an image) reach the driver. The unit of work and of commit is the input shard: a rerun
 skips committed shards, picks up new ones, and redoes any shard a crash left uncommitted.
 """
 
@@ -24,15 +25,14 @@ from typing import Any, Literal
 from pipelines import schemas as S
 from pipelines.corpus import RUNS_DIR, CorpusLayout, CorpusWriter
 from pipelines.decode import DecodeConfig
-from pipelines.stages import (
-    BundleSource, DecodeImages, EncodeGuideTokens, EncodeSemanticTokens, ReadAndDecode, ReadShards, StageResources,
-    add_actor_stage, add_cpu_stage,
-)
+from pipelines.read_stages import DecodeImages, ReadAndDecode, ReadShards, add_read_stage
+from pipelines.stages import BundleSource, EncodeTokens, StageResources, add_actor_stage
 from pipelines.storage import commit_bytes, common_root, filesystem, list_shards, shard_id
 
 logger = logging.getLogger(__name__)
 
 Streams = Literal["both", "guide", "semantic"]
+_MIN_INFLIGHT_BATCHES = 16
 _PACKAGES = ("dualtok", "torch", "ray", "diffusers", "transformers", "pyarrow", "numpy", "pillow")
 
 
@@ -49,9 +49,10 @@ class TokenizePlan:
     source: BundleSource
     streams: Streams = "both"
     decode: DecodeConfig = DecodeConfig()
-    guide: StageResources = StageResources()
-    semantic: StageResources = StageResources()
+    encoder: StageResources = StageResources()
     read_cpus: float = 1.0
+    read_actors: int = 1
+    prefetch_batches: int = 4  # decoded batches held in the object store per encoder actor, at most
     max_shards: int | None = None
     on_bundle_change: Literal["error", "keep"] = "error"
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
@@ -60,12 +61,26 @@ class TokenizePlan:
 
     @property
     def required_cpus(self) -> float:
-        """Logical CPUs the pipeline needs to make progress: one read task plus every minimum actor."""
-        cpus = self.read_cpus
-        for stream, resources in (("guide", self.guide), ("semantic", self.semantic)):
-            if self.streams in (stream, "both"):
-                cpus += resources.actors * resources.cpus_per_actor
-        return cpus
+        """Logical CPUs the pipeline needs to make progress: one read actor plus every minimum encoder."""
+        return self.read_cpus + self.encoder.actors * self.encoder.cpus_per_actor
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(p for p in ("guide", "semantic") if self.streams in (p, "both"))
+
+    @property
+    def inflight_bytes(self) -> int:
+        """The object-store bytes the dataset may hold: `prefetch_batches` decoded batches for every
+        actor the pool may grow to, and at least `_MIN_INFLIGHT_BATCHES`. Ray Data splits the budget
+        between the read and encode stages and only starts a read call when its share holds the call's
+        pending output (~2 blocks); below ~6 blocks in all the pipeline stalls."""
+        batches = max(self.prefetch_batches * (self.encoder.max_actors or self.encoder.actors), _MIN_INFLIGHT_BATCHES)
+        return batches * self.batch_bytes
+
+    @property
+    def batch_bytes(self) -> int:
+        """Bytes of one encoder batch of decoded images (uint8 RGB at the decode size)."""
+        return self.encoder.batch_size * self.decode.size**2 * 3
 
 
 @dataclass
@@ -122,7 +137,7 @@ def run_tokenize(plan: TokenizePlan) -> RunSummary:
 
 
 def _layout(plan: TokenizePlan) -> tuple[CorpusLayout, dict[str, Any]]:
-    parts = tuple(p for p in ("guide", "semantic") if plan.streams in (p, "both"))
+    parts = plan.parts
     tokenizer = plan.source.load(parts)  # once on the driver: fingerprint, token widths, vocab sizes
     info: dict[str, Any] = {
         "schema_version": S.CORPUS_SCHEMA_VERSION, "bundle": plan.source.spec,
@@ -147,7 +162,7 @@ def _warn_if_starved(required: float) -> None:
     available = ray.cluster_resources().get("CPU", 0.0)
     if available < required:
         # not an error: an autoscaling cluster may add the nodes once the job asks for them
-        logger.warning("the pipeline needs %.1f logical CPUs (a read task + the encoder actors) but the cluster "
+        logger.warning("the pipeline needs %.1f logical CPUs (a read actor + the encoder actors) but the cluster "
                        "has %.1f now; it waits until the autoscaler adds nodes", required, available)
 
 
@@ -162,16 +177,26 @@ def _check_bundle(committed: dict[str, dict[str, Any]], fingerprint: str, policy
 
 def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]]) -> Any:
     import ray
+    from ray.data import ExecutionResources
 
     items = [{S.SHARD: sid, S.SHARD_URI: uri} for sid, uri in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    read = ReadAndDecode(ReadShards(plan.storage_options), DecodeImages(plan.decode))
-    ds = add_cpu_stage(ds, read, num_cpus=plan.read_cpus, batch_size=1)  # one shard per task
-    if plan.streams in ("guide", "both"):
-        ds = add_actor_stage(ds, EncodeGuideTokens, plan.guide, source=plan.source)
-    if plan.streams in ("semantic", "both"):
-        ds = add_actor_stage(ds, EncodeSemanticTokens, plan.semantic, source=plan.source)
-    return ds.drop_columns([S.IMAGE])
+    # Ray Data merges what a task yields into blocks of up to `target_max_block_size` (128 MiB):
+    # a whole shard of decoded images would become one block, handed to ONE actor as one task,
+    # and with the budget below holding a block or two the other actors would sit idle. One
+    # encoder batch per block lets every actor take work and makes the budget count batches.
+    ds.context.target_max_block_size = plan.batch_bytes
+    # read blocks of one encoder batch each: the unit the in-flight budget below is counted in
+    read = ReadAndDecode(ReadShards(plan.storage_options, rows_per_batch=plan.encoder.batch_size),
+                         DecodeImages(plan.decode))
+    ds = add_read_stage(ds, read, num_cpus=plan.read_cpus, max_actors=plan.read_actors)
+    ds = add_actor_stage(ds, EncodeTokens, plan.encoder, source=plan.source, streams=plan.parts)
+    # Decoding is ~100x cheaper than encoding on CPU; left to Ray Data's default budget (half the
+    # object store) the read actors race through the whole input ahead of the encoders, and the
+    # session's memory grows with the input. This dataset's own context caps it.
+    ds.context.execution_options.resource_limits = ExecutionResources.for_limits(
+        object_store_memory=plan.inflight_bytes)
+    return ds
 
 
 def _drain(dataset: Any, writer: CorpusWriter, total: int) -> None:

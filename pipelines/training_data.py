@@ -23,7 +23,7 @@ import torch
 from dualtok_core.errors import BundleError, DualtokError
 from pipelines import schemas as S
 from pipelines.decode import DecodeConfig
-from pipelines.stages import DecodeImages, ReadShards
+from pipelines.read_stages import DecodeImages, ReadShards
 from pipelines.storage import filesystem
 
 logger = logging.getLogger(__name__)

@@ -13,21 +13,23 @@ from pipelines.configuration import ConfigError, load_config, to_dict
 
 def test_yaml_and_overrides_map_onto_the_typed_config(tmp_path):
     path = tmp_path / "job.yaml"
-    path.write_text("inputs: ['s3://b/shards/{00000..00009}.tar']\noutput: s3://b/corpus\nguide:\n  batch_size: 8\n")
-    config = load_config(TokenizeConfig, path, ["guide.gpus_per_actor=1", "streams=guide", "storage.region=eu-west-1"])
+    path.write_text("inputs: ['s3://b/shards/{00000..00009}.tar']\noutput: s3://b/corpus\nencoder:\n  batch_size: 8\n")
+    config = load_config(TokenizeConfig, path, ["encoder.gpus_per_actor=1", "streams=guide", "storage.region=eu-west-1"])
     assert config.inputs == ["s3://b/shards/{00000..00009}.tar"]
-    assert config.guide.batch_size == 8 and config.guide.gpus_per_actor == 1.0
-    assert config.semantic.batch_size == 16  # the default, from the dataclass and nowhere else
+    assert config.encoder.batch_size == 8 and config.encoder.gpus_per_actor == 1.0
+    assert config.encoder.actors == 1 and config.prefetch_batches == 4  # defaults, from the dataclass only
     assert config.streams == "guide" and config.storage.region == "eu-west-1"
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["guide.batchsize=8"], "unknown config key guide.'batchsize'"),
+        (["encoder.batchsize=8"], "unknown config key encoder.'batchsize'"),
+        (["guide.batch_size=8"], "unknown config key 'guide'; valid keys here: .*encoder"),
         (["streams=all"], "streams: 'all' is not one of"),
-        (["guide.batch_size=eight"], "guide.batch_size: expected an integer"),
-        (["guide.batch_size=0"], "stage resources out of range"),
+        (["encoder.batch_size=eight"], "encoder.batch_size: expected an integer"),
+        (["encoder.batch_size=0"], "stage resources out of range"),
+        (["prefetch_batches=0"], "prefetch_batches and read_actors must be >= 1"),
         (["output="], "output is empty"),
         (["outputs"], "must look like key=value"),
         (["inputs=[s3://b/{0..9}.tar]"], "not valid YAML"),

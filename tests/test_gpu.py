@@ -55,5 +55,5 @@ def test_tokenize_pipeline_on_gpu_actors(ray_session, tmp_path):
 
     write_sample_shards(str(tmp_path / "shards"), count=32, per_shard=8)
     assert cli(["tokenize", f"inputs={tmp_path / 'shards'}", f"output={tmp_path / 'corpus'}", "bundle=small",
-                "guide.gpus_per_actor=0.5", "semantic.gpus_per_actor=0.5"]) == 0
+                "encoder.gpus_per_actor=1"]) == 0
     assert pq.read_table(tmp_path / "corpus" / "data").num_rows == 32

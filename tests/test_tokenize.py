@@ -58,7 +58,7 @@ def test_s3_to_s3_every_sample_accounted_and_tokens_match(ray_session, s3, tiny_
     bucket = s3.new_bucket()
     by_key = write_good_shards(fs, f"{bucket}/shards", shards=3, per_shard=5)
     assert cli(["tokenize", f"inputs=s3://{bucket}/shards/{{00000..00002}}.tar", f"output=s3://{bucket}/corpus",
-                "bundle=tiny", "guide.batch_size=4", "semantic.batch_size=4"]) == 0
+                "bundle=tiny", "encoder.batch_size=4"]) == 0
 
     table = read_corpus(fs, f"{bucket}/corpus")
     assert table.num_rows == 15 and len(set(table[S.KEY].to_pylist())) == 15
@@ -168,3 +168,98 @@ def test_bad_input_becomes_error_rows_with_reasons(ray_session, tmp_path):
     for marker in markers:
         assert marker["rows"] + marker["errors"] == marker["samples"]
     assert sum(m["samples"] for m in markers) == len(rows) + len(errors)
+
+
+def _writer_batch(rows: list[tuple[str, str, int]], shard_samples: dict[str, int] | None = None) -> dict:
+    """A pipeline batch of (kind, shard, index) rows as the encoder stage hands it to the driver;
+    tokens are derived from the index so that a row's content can be checked."""
+    n = len(rows)
+
+    def objects(values):
+        array = np.empty(n, dtype=object)
+        array[:] = values
+        return array
+
+    kinds = [k for k, _, _ in rows]
+    indices = np.array([i for _, _, i in rows], dtype=np.int64)
+    return {
+        S.ROW_KIND: np.array(kinds), S.SHARD: objects([s for _, s, _ in rows]), S.INDEX: indices,
+        S.KEY: objects([f"{s}-{i}" if k != S.END else None for k, s, i in rows]),
+        # Ray hands an all-null string column over as floats: a caption is a str, None or NaN
+        S.CAPTION: objects([f"c{i}" if i % 2 else float("nan") for i in indices]),
+        S.WIDTH: np.full(n, 640, np.int32), S.HEIGHT: np.full(n, 480, np.int32),
+        S.GUIDE_TOKENS: (indices[:, None] * 10 + np.arange(4)).astype(np.uint16),
+        S.SEMANTIC_TOKENS: (indices[:, None] * 100 + np.arange(2)).astype(np.uint16),
+        S.STAGE: objects([S.STAGE_DECODE if k == S.ERROR else "" for k in kinds]),
+        S.REASON: objects([f"broken {i}" if k == S.ERROR else "" for k, _, i in rows]),
+        S.SHARD_SAMPLES: np.array([(shard_samples or {}).get(s, -1) if k == S.END else -1 for k, s, _ in rows]),
+    }
+
+
+def test_corpus_writer_commits_each_sample_once_in_index_order(tmp_path):
+    from pipelines.corpus import CorpusLayout, CorpusWriter
+
+    layout = CorpusLayout(str(tmp_path / "corpus"), 4, 2, {"bundle_fingerprint": "f0"})
+    writer = CorpusWriter(layout, {"a": "file:///a.tar", "b": "file:///b.tar"}, "run-1")
+    first = _writer_batch([(S.SAMPLE, "a", 2), (S.ERROR, "a", 1)])
+    assert writer.add(first) == []
+    assert writer.add(first) == []  # re-delivered after a retried task: nothing counts twice
+    # one batch spanning two shards; index 1 now arrives as a SAMPLE (a retry that succeeded)
+    assert writer.add(_writer_batch([(S.SAMPLE, "a", 0), (S.SAMPLE, "a", 1), (S.ERROR, "a", 3),
+                                     (S.SAMPLE, "b", 0)])) == []
+    markers = writer.add(_writer_batch([(S.END, "a", -1), (S.END, "b", -1)], {"a": 4, "b": 1}))
+    assert [(m["shard"], m["samples"], m["rows"], m["errors"]) for m in markers] == [("a", 4, 3, 1), ("b", 1, 1, 0)]
+
+    table = pq.read_table(tmp_path / "corpus" / "data" / "a.parquet")
+    assert table[S.INDEX].to_pylist() == [0, 1, 2] and table[S.KEY].to_pylist() == ["a-0", "a-1", "a-2"]
+    assert table[S.CAPTION].to_pylist() == [None, "c1", None]
+    assert table[S.GUIDE_TOKENS].to_pylist()[2] == [20, 21, 22, 23]
+    assert table[S.SEMANTIC_TOKENS].to_pylist()[1] == [100, 101]
+    assert table.schema == S.corpus_schema(4, 2, {"bundle_fingerprint": "f0"})
+    errors = pq.read_table(tmp_path / "corpus" / "errors" / "a.parquet")
+    assert errors[S.INDEX].to_pylist() == [3] and errors[S.REASON].to_pylist() == ["broken 3"]
+    assert writer.pending == {} and sorted(writer.done) == ["a", "b"]
+
+
+def test_shard_with_no_decodable_image_commits_an_empty_data_file(tmp_path):
+    from pipelines.corpus import CorpusLayout, CorpusWriter
+
+    writer = CorpusWriter(CorpusLayout(str(tmp_path / "corpus"), 4, 2, {}), {}, "run-1")
+    [marker] = writer.add(_writer_batch([(S.ERROR, "a", 0), (S.END, "a", -1)], {"a": 1}))
+    assert (marker["rows"], marker["errors"]) == (0, 1)
+    assert pq.read_table(tmp_path / "corpus" / "data" / "a.parquet").num_rows == 0
+
+
+def test_encoder_stage_tokens_only_sample_rows_and_drops_images(tiny_tokenizer, one_thread):
+    from pipelines.stages import BundleSource, EncodeTokens, StageResources
+
+    # the stage sets torch's thread count, as it does in an actor; `one_thread` restores it afterwards
+
+    images = np.stack([decode_image(encode(p), DecodeConfig(size=256)).pixels for p in photo_images(3, seed=4)])
+    batch = {S.ROW_KIND: np.array([S.SAMPLE, S.ERROR, S.SAMPLE, S.END]), S.INDEX: np.arange(4),
+             S.IMAGE: np.concatenate([images, np.zeros((1, 256, 256, 3), np.uint8)])}
+    stage = EncodeTokens(BundleSource("tiny"), StageResources(), streams=("guide", "semantic"))
+    out = stage(batch)
+    assert S.IMAGE not in out  # decoded images never travel past the encoder
+    expected = tiny_tokenizer.tokenize(images[[0, 2]])
+    np.testing.assert_array_equal(out[S.GUIDE_TOKENS][[0, 2]], expected.guide)
+    np.testing.assert_array_equal(out[S.SEMANTIC_TOKENS][[0, 2]], expected.semantic)
+    assert not out[S.GUIDE_TOKENS][[1, 3]].any() and out[S.GUIDE_TOKENS].dtype == np.uint16
+    guide_only = EncodeTokens(BundleSource("tiny"), StageResources(), streams=("guide",))(batch)
+    assert S.SEMANTIC_TOKENS not in guide_only
+    with pytest.raises(ValueError, match="streams must be a non-empty subset"):
+        EncodeTokens(BundleSource("tiny"), StageResources(), streams=("pixels",))
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 16, 64])
+def test_cpu_node_resources_fill_the_machine_without_oversubscribing_it(cpus):
+    from jobs.tokenize import cpu_node_resources
+
+    read_cpus, encoder = cpu_node_resources(cpus)
+    reserved = read_cpus + encoder.actors * encoder.cpus_per_actor
+    assert reserved <= max(cpus, 1.0) + 1e-9  # a local Ray of `cpus` CPUs schedules every stage
+    assert encoder.actors * encoder.torch_threads <= max(cpus, 1)  # torch threads never exceed the cores
+    if cpus <= 4:  # one single-threaded actor per core
+        assert (encoder.actors, encoder.torch_threads) == (cpus, 1)
+    else:  # each actor holds both branches: memory caps the count, more threads use the rest
+        assert encoder.actors == 4 and encoder.actors * encoder.torch_threads >= cpus - 1

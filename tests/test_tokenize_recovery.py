@@ -40,10 +40,10 @@ def clean_corpus(ray_session, shards, tmp_path_factory):
 
 
 def tokenize_command(shards: Path, out: Path) -> list[str]:
-    # One read task at a time (2 of the cluster's 4 CPUs each, the encoders hold the other 2) and
-    # batch size 1: shards finish one after another, so a kill lands part-way through the run.
+    # One read actor (the default) and batch size 1: shards finish one after another, so a kill
+    # lands part-way through the run.
     return [sys.executable, "-m", "jobs.cli", "--log-level", "WARNING", "tokenize", f"inputs={shards}",
-            f"output={out}", "bundle=tiny", "read_cpus=2", "guide.batch_size=1", "semantic.batch_size=1"]
+            f"output={out}", "bundle=tiny", "encoder.batch_size=1"]
 
 
 def start_driver(address: str, shards: Path, out: Path) -> subprocess.Popen:
@@ -94,7 +94,7 @@ def test_driver_killed_then_rerun_finishes_exactly_once(ray_session, shards, cle
 
 def encoder_actor_pids() -> list[int]:
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
-    return [int(line.split()[0]) for line in ps.splitlines() if "ray::MapWorker" in line and "EncodeGuideTokens" in line]
+    return [int(line.split()[0]) for line in ps.splitlines() if "ray::MapWorker" in line and "EncodeTokens" in line]
 
 
 def test_encoder_actor_killed_job_still_completes_exactly_once(ray_session, shards, clean_corpus, tmp_path):
