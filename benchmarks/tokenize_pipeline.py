@@ -97,8 +97,9 @@ class SessionSampler:
     raylet, workers) less the excluded pids (the S3 server): the peak of their summed RSS, and
     each process's CPU seconds (by Ray's process title) to show where the CPU went."""
 
-    def __init__(self, exclude: set[int], interval: float = 0.5) -> None:
+    def __init__(self, exclude: set[int], interval: float = 1.0) -> None:
         self.exclude, self.interval = set(exclude), interval
+        self.own_cpu = 0.0  # the sampler thread's own CPU seconds: counted in "driver", reported apart
         self.peak, self.peak_pss, self.samples = 0, 0, 0  # PSS: shared pages split among their users (1 in 10)
         self.at_peak: dict[str, str] = {}  # title -> "processes x mean RSS (shared)" at the peak
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (title, user+system seconds since start)
@@ -154,6 +155,7 @@ class SessionSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._sample()
+            self.own_cpu = time.thread_time()
             self._stop.wait(self.interval)
 
 
@@ -271,7 +273,8 @@ def run_pipeline(inputs: str, output: str, config: BenchConfig, exclude: set[int
     return {"images": summary.images, "errors": summary.errors, "seconds": seconds,
             "images_per_second": summary.images / seconds, "job_seconds": summary.seconds,
             "peak_rss_bytes": session.peak, "peak_pss_bytes": session.peak_pss, "memory_samples": session.samples, "rss_at_peak": session.at_peak,
-            "cpu_seconds": sum(session.cpu_by_title().values()), "cpu_by_process": session.cpu_by_title()}
+            "cpu_seconds": sum(session.cpu_by_title().values()), "cpu_by_process": session.cpu_by_title(),
+            "sampler_cpu_seconds": session.own_cpu}
 
 
 def run_plain(inputs: str, workers: int, config: BenchConfig, scratch: str) -> dict[str, Any]:
@@ -533,7 +536,8 @@ def detail_lines(r: Results) -> list[str]:
                      f"incl. ray.init ({run['images_per_second']:.2f} img/s); peak RSS "
                      f"{run['peak_rss_bytes'] / 2**20:.0f} MiB (PSS {run['peak_pss_bytes'] / 2**20:.0f} MiB) over "
                      f"{run['memory_samples']} samples; CPU "
-                     f"{run['cpu_seconds']:.0f} s = {busy:.0%} of {r.config['cpus']} CPUs: {_cpu_groups(run)}")
+                     f"{run['cpu_seconds']:.0f} s = {busy:.0%} of {r.config['cpus']} CPUs: {_cpu_groups(run)} "
+                     f"(the driver's includes this benchmark's memory sampler, {run['sampler_cpu_seconds']:.1f} s)")
     for workers, run in sorted(r.plain_sweep.items()):
         lines.append(f"- plain DataLoader, {workers} workers, {run['images']} images: "
                      f"{run['images_per_second']:.2f} img/s (torch threads {run['torch_threads']})")
