@@ -53,8 +53,7 @@ class TokenizeConfig:
                              f"{self.prefetch_batches}, {self.read_actors} and {self.read_cpus}")
 
 
-def cpu_node_resources(cpus: int, batch_size: int = StageResources.batch_size,
-                       max_actors: int = 4) -> tuple[float, StageResources]:
+def cpu_node_resources(cpus: int, max_actors: int = 4) -> tuple[float, StageResources]:
     """(read_cpus, encoder resources) that fill a CPU-only machine of `cpus` cores.
 
     Decoding costs ~1-2 % of encoding on CPU, so one read actor gets a quarter CPU and the rest goes
@@ -66,7 +65,7 @@ def cpu_node_resources(cpus: int, batch_size: int = StageResources.batch_size,
     actors = max(1, min(cpus, max_actors))
     per_actor = max(cpus - 0.25, 0.75) / actors
     per_actor = math.floor(per_actor * 1000) / 1000  # a short number that never sums past `cpus`
-    return 0.25, StageResources(batch_size=batch_size, actors=actors, cpus_per_actor=per_actor)
+    return 0.25, StageResources(actors=actors, cpus_per_actor=per_actor)
 
 
 def plan_from_config(config: TokenizeConfig) -> TokenizePlan:

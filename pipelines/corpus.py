@@ -63,8 +63,9 @@ class _PendingShard:
                 self.samples.add(index)
                 self.errors.pop(index, None)  # a retried batch succeeded where an earlier try failed
         for i in rows[kinds == S.ERROR]:
-            if int(batch[S.INDEX][i]) not in self.samples:
-                self.errors[int(batch[S.INDEX][i])] = _error_row(batch, i)
+            index = int(batch[S.INDEX][i])
+            if index not in self.samples:
+                self.errors[index] = _error_row(batch, i)
 
     def table(self, schema: pa.Schema) -> pa.Table:
         """SAMPLE rows in index order, each index once (a batch re-delivered after a retried task
@@ -129,7 +130,7 @@ class CorpusWriter:
         shards = batch[S.SHARD]
         touched = sorted({str(s) for s in shards})
         for shard in touched:
-            rows = np.flatnonzero(shards == shard) if len(touched) > 1 else np.arange(len(shards))
+            rows = np.flatnonzero(shards == shard)
             self.pending.setdefault(shard, _PendingShard()).add(batch, rows, self.schema.names)
         return [self.commit(shard) for shard in touched if self.pending[shard].complete]
 

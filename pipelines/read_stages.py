@@ -108,7 +108,7 @@ class ReadAndDecode:
 
 
 # ---- the adapter ---------------------------------------------------------------------------
-def add_read_stage(ds: Any, stage: ReadAndDecode, num_cpus: float, max_actors: int) -> Any:
+def add_read_stage(ds: Any, read: ReadShards, decode: DecodeImages, num_cpus: float, max_actors: int) -> Any:
     """Put the read stage on a dataset as a pool of 1..`max_actors` long-lived actors, one shard
     per call.
 
@@ -120,5 +120,5 @@ def add_read_stage(ds: Any, stage: ReadAndDecode, num_cpus: float, max_actors: i
     """
     from ray.data import ActorPoolStrategy
 
-    return ds.map_batches(ReadAndDecode, fn_constructor_kwargs={"read": stage.read, "decode": stage.decode},
+    return ds.map_batches(ReadAndDecode, fn_constructor_kwargs={"read": read, "decode": decode},
                           batch_size=1, num_cpus=num_cpus, compute=ActorPoolStrategy(min_size=1, max_size=max_actors))

@@ -6,8 +6,9 @@
 
 Decoded images cross the object store once, from a read actor into an encoder actor, and the bytes
 in flight are capped (`prefetch_batches` per actor), so memory stays flat however large the input.
-Only token rows (a few hundred bytes an image) reach the driver. The unit of work and of commit is the input shard: a rerun
-skips committed shards, picks up new ones, and redoes any shard a crash left uncommitted.
+Only token rows (a few hundred bytes an image) reach the driver. The unit of work and of commit is
+the input shard: a rerun skips committed shards, picks up new ones, and redoes any shard a crash
+left uncommitted.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Literal
 from pipelines import schemas as S
 from pipelines.corpus import RUNS_DIR, CorpusLayout, CorpusWriter
 from pipelines.decode import DecodeConfig
-from pipelines.read_stages import DecodeImages, ReadAndDecode, ReadShards, add_read_stage
+from pipelines.read_stages import DecodeImages, ReadShards, add_read_stage
 from pipelines.stages import BundleSource, EncodeTokens, StageResources, add_actor_stage
 from pipelines.storage import commit_bytes, common_root, filesystem, list_shards, shard_id
 
@@ -187,9 +188,8 @@ def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]]) -> Any:
     # encoder batch per block lets every actor take work and makes the budget count batches.
     ds.context.target_max_block_size = plan.batch_bytes
     # read blocks of one encoder batch each: the unit the in-flight budget below is counted in
-    read = ReadAndDecode(ReadShards(plan.storage_options, rows_per_batch=plan.encoder.batch_size),
-                         DecodeImages(plan.decode))
-    ds = add_read_stage(ds, read, num_cpus=plan.read_cpus, max_actors=plan.read_actors)
+    ds = add_read_stage(ds, ReadShards(plan.storage_options, rows_per_batch=plan.encoder.batch_size),
+                        DecodeImages(plan.decode), num_cpus=plan.read_cpus, max_actors=plan.read_actors)
     ds = add_actor_stage(ds, EncodeTokens, plan.encoder, source=plan.source, streams=plan.parts)
     # Decoding is ~100x cheaper than encoding on CPU; left to Ray Data's default budget (half the
     # object store) the read actors race through the whole input ahead of the encoders, and the
