@@ -14,4 +14,10 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
     || echo "warning: could not install chromium; the report browser test will be skipped" >&2
 fi
 
-exec python -m pytest -q -ra "$@"
+# Every process the suite starts (Ray's, moto's, drivers, browsers) inherits this tag; after pytest
+# ends, however it ends, anything still carrying it is reported and killed, and the run fails.
+export DUALTOK_TEST_RUN="$$-$(date +%s%N)"
+rc=0
+python -m pytest -q -ra "$@" || rc=$?
+python scripts/reap_test_processes.py "$DUALTOK_TEST_RUN" || { [ "$rc" = 0 ] && rc=1; }
+exit "$rc"

@@ -4,11 +4,18 @@
   test credentials exported through the standard AWS environment variables so that every process
   (Ray workers included) reaches it the way users' jobs reach a real endpoint.
 - `ray_session`: one local Ray cluster for the whole test session.
+- `processes`: starts subprocesses for a test and kills them (and their process groups) after it,
+  also when the test failed or timed out; `scripts/test.sh` sweeps for anything that still escaped.
+
+Nothing here forks the pytest process: by the time tests run it holds Ray's and moto's threads, and
+a forked child inherits whatever locks they held. Subprocesses are started with fork+exec (Popen).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -106,3 +113,32 @@ def ray_session(s3):
         yield context.address_info["gcs_address"]
     finally:
         ray.shutdown()
+
+
+class Processes:
+    """Subprocesses a test starts, each in a session of its own so that teardown can end the whole
+    group (a driver's Ray workers are Ray's to end; the driver and its children are ours)."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], **kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen(args, start_new_session=True, **kwargs)
+        self.started.append(proc)
+        return proc
+
+    def end_all(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture
+def processes():
+    started = Processes()
+    try:
+        yield started
+    finally:
+        started.end_all()

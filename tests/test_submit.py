@@ -118,22 +118,18 @@ def _alive(pgid: int) -> bool:
     return True
 
 
-def test_stack_down_stops_its_process_groups_and_nothing_else(tmp_path):
+def test_stack_down_stops_its_process_groups_and_nothing_else(tmp_path, processes):
     from jobs.local_stack import StackState, down
 
-    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)  # a recycled pid: not the Ray head
+    stranger = processes.start(["sleep", "60"])  # a recycled pid: not the Ray head
     # "our" server: a leader that exits on SIGTERM and leaves a child behind in its process group
-    ours = subprocess.Popen(["bash", "-c", "sleep 60 & wait", "moto", "-p", "61"], start_new_session=True)
-    try:
-        StackState(dir=str(tmp_path), ray_pid=stranger.pid, ray_temp_dir="/tmp/dtk-gone",
-                   s3_pid=ours.pid, s3_url="http://127.0.0.1:61").save()
-        down(tmp_path)
-        assert ours.wait(timeout=5) is not None and not _alive(ours.pid)  # leader and its child are gone
-        assert stranger.poll() is None  # the unrelated process was left alone
-        assert not (tmp_path / "stack.json").exists()
-    finally:
-        stranger.kill()
-        stranger.wait()
+    ours = processes.start(["bash", "-c", "sleep 60 & wait", "moto", "-p", "61"])
+    StackState(dir=str(tmp_path), ray_pid=stranger.pid, ray_temp_dir="/tmp/dtk-gone",
+               s3_pid=ours.pid, s3_url="http://127.0.0.1:61").save()
+    down(tmp_path)
+    assert ours.wait(timeout=5) is not None and not _alive(ours.pid)  # leader and its child are gone
+    assert stranger.poll() is None  # the unrelated process was left alone
+    assert not (tmp_path / "stack.json").exists()
 
 
 @pytest.fixture

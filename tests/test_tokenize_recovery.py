@@ -46,10 +46,10 @@ def tokenize_command(shards: Path, out: Path) -> list[str]:
             f"output={out}", "bundle=tiny", "encoder.batch_size=1"]
 
 
-def start_driver(address: str, shards: Path, out: Path) -> subprocess.Popen:
+def start_driver(processes, address: str, shards: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": address}
-    return subprocess.Popen(tokenize_command(shards, out), env=env, cwd=Path(__file__).parents[1],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return processes.start(tokenize_command(shards, out), env=env, cwd=Path(__file__).parents[1],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def wait_for_markers(out: Path, at_least: int, proc: subprocess.Popen, timeout: float = 300) -> list[Path]:
@@ -73,9 +73,9 @@ def assert_same_as_clean(out: Path, clean) -> None:
     assert len(markers) == SHARDS and all(m["rows"] + m["errors"] == m["samples"] for m in markers)
 
 
-def test_driver_killed_then_rerun_finishes_exactly_once(ray_session, shards, clean_corpus, tmp_path):
+def test_driver_killed_then_rerun_finishes_exactly_once(ray_session, shards, clean_corpus, tmp_path, processes):
     out = tmp_path / "corpus"
-    proc = start_driver(ray_session, shards, out)
+    proc = start_driver(processes, ray_session, shards, out)
     before = wait_for_markers(out, 1, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -97,9 +97,10 @@ def encoder_actor_pids() -> list[int]:
     return [int(line.split()[0]) for line in ps.splitlines() if "ray::MapWorker" in line and "EncodeTokens" in line]
 
 
-def test_encoder_actor_killed_job_still_completes_exactly_once(ray_session, shards, clean_corpus, tmp_path):
+def test_encoder_actor_killed_job_still_completes_exactly_once(ray_session, shards, clean_corpus, tmp_path,
+                                                                processes):
     out = tmp_path / "corpus"
-    proc = start_driver(ray_session, shards, out)
+    proc = start_driver(processes, ray_session, shards, out)
     wait_for_markers(out, 1, proc)
     pids = encoder_actor_pids()
     assert pids, "no guide encoder actor process found to kill"

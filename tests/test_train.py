@@ -298,9 +298,11 @@ def test_contrastive_gradients_under_ddp_equal_the_single_process_global_batch(p
     stage(**batch).loss.backward()
     single = {n: p.grad for n, p in stage.named_trainable_parameters()}
     out = str(tmp_path / "grads.pt")
-    # Forked (not spawned) ranks: no re-import of torch and transformers; each exits with os._exit,
-    # so nothing of the parent's Ray connection runs in them.
-    mp.start_processes(_ddp_qformer_gradients, args=(free_port(), batch, out), nprocs=2, join=True, start_method="fork")
+    # Spawned, never forked: by now this process runs Ray's gRPC and core-worker threads and a moto
+    # child, and a forked rank inherits whatever locks those threads held at the fork (a rank once
+    # sat in futex_wait for 15 minutes). Spawned ranks start from a fresh interpreter.
+    mp.start_processes(_ddp_qformer_gradients, args=(free_port(), batch, out), nprocs=2, join=True,
+                       start_method="spawn")
     gathered = torch.load(out, weights_only=True)
     assert gathered.keys() == single.keys()
     for name, grad in single.items():
