@@ -1,0 +1,179 @@
+"""The sequence contract (corpus row <-> LLM sequence) and the streaming, resumable loader."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerFast
+
+from dualtok_core.errors import TokenInputError
+from dualtok_core.sequences import SequenceContract, extend_tokenizer
+from pipelines import schemas as S
+from pipelines.sequence_loader import TokenSequenceDataset, collate_sequences
+
+CAPTIONS = ["a cat on a mat", "a dog in the fog", "two birds over the sea", "an old red car"]
+GUIDE_LEN, GUIDE_VOCAB, SEMANTIC_LEN, SEMANTIC_VOCAB = 4, 64, 3, 32
+ROWS_PER_FILE = [3, 5, 2, 7, 4, 6]
+
+
+def word_piece() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(CAPTIONS, trainers.WordPieceTrainer(vocab_size=80, special_tokens=["[PAD]", "[UNK]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer() -> PreTrainedTokenizerFast:
+    return word_piece()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """A corpus in the on-disk contract (data files + markers) whose rows are identifiable: row r of
+    file f has guide ids (f, r, f, r) and semantic ids (r, f, 0)."""
+    root = tmp_path_factory.mktemp("corpus")
+    meta = {"guide_grid": 2, "guide_vocab": GUIDE_VOCAB, "semantic_tokens": SEMANTIC_LEN, "semantic_vocab": SEMANTIC_VOCAB}
+    schema = S.corpus_schema(GUIDE_LEN, SEMANTIC_LEN, meta)
+    (root / "data").mkdir()
+    (root / "_committed").mkdir()
+    for f, rows in enumerate(ROWS_PER_FILE):
+        shard = f"{f:05d}"
+        guide = np.array([[f, r, f, r] for r in range(rows)], np.uint16).reshape(-1)
+        semantic = np.array([[r, f, 0] for r in range(rows)], np.uint16).reshape(-1)
+        table = pa.Table.from_arrays([
+            pa.array([f"{shard}-{r}" for r in range(rows)]), pa.array([shard] * rows), pa.array(range(rows), pa.int32()),
+            pa.array([CAPTIONS[r % 4] if r % 3 else None for r in range(rows)]),
+            pa.array([64] * rows, pa.int32()), pa.array([64] * rows, pa.int32()),
+            pa.FixedSizeListArray.from_arrays(pa.array(guide, pa.uint16()), GUIDE_LEN),
+            pa.FixedSizeListArray.from_arrays(pa.array(semantic, pa.uint16()), SEMANTIC_LEN),
+        ], schema=schema)
+        pq.write_table(table, root / "data" / f"{shard}.parquet")
+        marker = {"shard": shard, "rows": rows, "errors": 0, "samples": rows, "data_file": f"data/{shard}.parquet"}
+        (root / "_committed" / f"{shard}.json").write_text(json.dumps(marker))
+    return str(root)
+
+
+def contract(text_vocab: int) -> SequenceContract:
+    return SequenceContract(text_vocab, GUIDE_VOCAB, GUIDE_LEN, SEMANTIC_VOCAB, SEMANTIC_LEN)
+
+
+# ---- the contract ------------------------------------------------------------------------------
+def test_sequence_layout_and_split_round_trip(text_tokenizer):
+    c = contract(len(text_tokenizer))
+    caption = text_tokenizer("a cat on a mat", add_special_tokens=False)["input_ids"]
+    guide, semantic = np.array([5, 0, 63, 7]), np.array([31, 0, 2])
+    seq = c.sequence(caption, guide, semantic, "t2i")
+    t = len(text_tokenizer)
+    assert seq.tolist() == [*caption, t, *(guide + t + 3), t + 1, *(semantic + t + 3 + GUIDE_VOCAB), t + 2]
+    text, g, s = c.split(seq)
+    assert text.tolist() == caption and g.tolist() == guide.tolist() and s.tolist() == semantic.tolist()
+    i2t = c.sequence(caption, guide, semantic, "i2t")
+    assert i2t[0] == c.boi and i2t[-len(caption):].tolist() == caption
+    assert c.vocab_size == t + 3 + GUIDE_VOCAB + SEMANTIC_VOCAB
+    assert SequenceContract.from_json(c.to_json()) == c
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda s, c: s[s != c.eoi], "one <boi> ... <eoi>"),
+    (lambda s, c: np.concatenate([s, s]), "one <boi> ... <eoi>"),
+    (lambda s, c: s[s != c.sep], "one <sep>"),
+    (lambda s, c: np.delete(s, np.flatnonzero(s == c.sep)[0] - 1), r"guide ids must be \(B, 4\)"),
+    (lambda s, c: np.where(s == s[np.flatnonzero(s == c.sep)[0] + 1], c.guide_offset, s), r"semantic ids must lie"),
+])
+def test_malformed_model_outputs_are_named_errors(text_tokenizer, mutate, message):
+    c = contract(len(text_tokenizer))
+    seq = c.sequence([3, 4], np.array([1, 2, 3, 4]), np.array([5, 6, 7]))
+    with pytest.raises(TokenInputError, match=message):
+        c.split(mutate(seq, c))
+
+
+def test_extended_tokenizer_writes_and_reads_back_the_contract_ids(text_tokenizer, tmp_path):
+    tok = word_piece()
+    c = contract(len(tok))
+    extend_tokenizer(tok, c)
+    tok.save_pretrained(tmp_path / "tok")
+    reloaded = PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok", local_files_only=True)
+    assert len(reloaded) == c.vocab_size
+    seq = c.sequence(reloaded("an old red car", add_special_tokens=False)["input_ids"], np.array([9, 8, 7, 63]),
+                     np.array([0, 1, 31]))
+    text = reloaded.decode(seq)  # what an LLM's output looks like as text
+    assert "<|dualtok:boi|>" in text and "<|g:63|>" in text and "<|s:31|>" in text
+    assert reloaded(text, add_special_tokens=False)["input_ids"] == seq.tolist()
+    with pytest.raises(TokenInputError, match="has 79 ids|has .* ids but"):
+        extend_tokenizer(reloaded, c)  # already extended: its size no longer matches the contract
+
+
+# ---- the loader --------------------------------------------------------------------------------
+def rows_in(ids: torch.Tensor, c: SequenceContract) -> list[tuple[int, int]]:
+    """(file, row) of every image block in a stream of ids (guide ids are (f, r, f, r))."""
+    ids = ids.tolist()
+    return [(ids[i + 1] - c.guide_offset, ids[i + 2] - c.guide_offset) for i, v in enumerate(ids) if v == c.boi]
+
+
+def run(dataset: TokenSequenceDataset, stop_after: int | None = None) -> dict[int, list[dict]]:
+    """Items per slot in delivery order; with `stop_after`, only the first batches are consumed."""
+    # spawn, never fork: this process holds Ray's and moto's threads by the time this test runs
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context="spawn",
+                        collate_fn=None if dataset.seq_len else collate_sequences)
+    per_slot: dict[int, list[dict]] = defaultdict(list)
+    for n, batch in enumerate(loader):
+        if stop_after is not None and n == stop_after:
+            break
+        dataset.consume(batch)
+        for i in range(len(batch["slot"])):
+            per_slot[int(batch["slot"][i])].append({k: v[i] for k, v in batch.items()})
+    return per_slot
+
+
+@pytest.mark.parametrize("seq_len", [None, 16])
+def test_two_ranks_two_workers_see_every_row_once_and_resume_exactly(corpus, text_tokenizer, seq_len):
+    c = contract(len(text_tokenizer))
+    full: dict[int, list[dict]] = {}
+    for rank in range(2):
+        full.update(run(TokenSequenceDataset(corpus, text_tokenizer, seq_len=seq_len, rank=rank, world_size=2, seed=7)))
+    assert sorted(full) == [0, 1, 2, 3]
+    expected = [(f, r) for f, rows in enumerate(ROWS_PER_FILE) for r in range(rows)]
+    if seq_len is None:  # every row exactly once across 2 ranks x 2 workers
+        assert sorted(fr for items in full.values() for it in items for fr in rows_in(it["input_ids"], c)) == expected
+    else:  # packed: a block may straddle chunks; each slot's chunks, joined, hold each of its rows once
+        joined = {s: torch.cat([it["input_ids"][it["attention_mask"].bool()] for it in items]) for s, items in full.items()}
+        assert sorted(fr for ids in joined.values() for fr in rows_in(ids, c)) == expected
+        assert all(len(it["input_ids"]) == seq_len for items in full.values() for it in items)
+
+    # another epoch is another order of the same rows
+    orders = []
+    for epoch in (0, 1):
+        dataset = TokenSequenceDataset(corpus, text_tokenizer, rank=0, world_size=1, seed=7)
+        dataset.set_epoch(epoch)
+        orders.append([fr for it in iter(dataset) for fr in rows_in(it["input_ids"], c)])
+    assert sorted(orders[0]) == sorted(orders[1]) == expected and orders[0] != orders[1]
+
+    # rank 0 stops after 2 batches; a fresh dataset restored from its state delivers exactly the rest
+    first = TokenSequenceDataset(corpus, text_tokenizer, seq_len=seq_len, rank=0, world_size=2, seed=7)
+    before = run(first, stop_after=2)
+    state = json.loads(json.dumps(first.state_dict()))  # it survives a JSON round trip (a checkpoint)
+    resumed = TokenSequenceDataset(corpus, text_tokenizer, seq_len=seq_len, rank=0, world_size=2, seed=7)
+    resumed.load_state_dict(state)
+    after = run(resumed)
+    for slot in (0, 1):
+        joined = before.get(slot, []) + after.get(slot, [])
+        assert [it["input_ids"].tolist() for it in joined] == [it["input_ids"].tolist() for it in full[slot]]
+
+
+def test_restore_with_another_worker_count_is_refused(corpus, text_tokenizer):
+    first = TokenSequenceDataset(corpus, text_tokenizer, rank=0, world_size=1)
+    run(first, stop_after=1)
+    single = TokenSequenceDataset(corpus, text_tokenizer, rank=0, world_size=1)
+    single.load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match="same world size and num_workers"):
+        next(iter(single))  # num_workers=0: one slot where the saved state had two
