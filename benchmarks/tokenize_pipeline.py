@@ -396,7 +396,9 @@ def _sample_batch(table: Any, rows: range, tokens: dict[str, Any], shard: str) -
     picked = table.slice(rows.start, n)
     batch = {S.ROW_KIND: np.array([S.SAMPLE] * n + [S.END]), S.SHARD: objects([shard] * (n + 1)),
              S.INDEX: np.arange(n + 1), S.SHARD_SAMPLES: np.array([-1] * n + [n]),
-             S.STAGE: objects([""] * (n + 1)), S.REASON: objects([""] * (n + 1))}
+             S.STAGE: objects([""] * (n + 1)), S.REASON: objects([""] * (n + 1)),
+             S.SHARD_BYTES: np.full(n + 1, -1), S.SHARD_VERSION: objects([""] * (n + 1)),
+             S.SHARD_RETRIES: np.zeros(n + 1, np.int64)}  # what the END row says of the (absent) input
     for name in (S.KEY, S.CAPTION, S.WIDTH, S.HEIGHT):
         batch[name] = objects([*picked[name].to_pylist(), None])
     for name, ids in tokens.items():

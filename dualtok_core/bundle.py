@@ -7,6 +7,7 @@ A bundle is a directory (local, or any fsspec URI such as s3://) with one folder
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from dualtok_core import diffusion, guide, semantic
-from dualtok_core.errors import BundleError
+from dualtok_core.errors import BundleError, require_safetensors
 from dualtok_core.imaging import check_token_ids, check_uint8_images, to_model_input, to_uint8
 from dualtok_core.presets import PARTS, build_parts, check_compatible, get_preset
 
@@ -28,10 +29,12 @@ logger = logging.getLogger(__name__)
 
 BUNDLE_SCHEMA_VERSION = 1
 RANDOM_INIT = "random-init"
+# Safetensors only: a pickle part is refused before loading (`require_safetensors`), and the
+# loaders themselves are told never to fall back to one.
 _LOADERS = {
-    "guide": guide.GuideVQModel.from_pretrained,
-    "semantic": semantic.SemanticTokenizer.from_pretrained,
-    "diffusion": diffusion.DiffusionReconstructor.from_pretrained,
+    "guide": functools.partial(guide.GuideVQModel.from_pretrained, use_safetensors=True),
+    "semantic": functools.partial(semantic.SemanticTokenizer.from_pretrained, use_safetensors=True),
+    "diffusion": diffusion.DiffusionReconstructor.from_pretrained,  # its three loads pass use_safetensors
 }
 
 
@@ -114,6 +117,7 @@ class DualTokenizer:
             folder = local / part
             if not folder.is_dir():
                 raise BundleError(f"bundle {uri} has no {part!r} part (expected folder {part}/)")
+            require_safetensors(folder, f"bundle {uri}: part")
             loaded[part] = _LOADERS[part](str(folder)).eval()
             if verify and part in info.part_hashes:
                 actual = module_hash(loaded[part])

@@ -25,7 +25,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase
 
-from dualtok_core.errors import BundleError, DualtokError, ImageInputError, TokenInputError
+from dualtok_core.errors import BundleError, DualtokError, ImageInputError, TokenInputError, require_safetensors
 from dualtok_core.imaging import resize_float
 
 logger = logging.getLogger(__name__)
@@ -305,9 +305,11 @@ class DiffusionReconstructor(nn.Module):
                 raise BundleError(
                     f"diffusion folder {str(root)!r} has no {part}/ subfolder (SD diffusers layout)"
                 )
-        vae = AutoencoderKL.from_pretrained(root / "vae")
-        unet = UNet2DConditionModel.from_pretrained(root / "unet")
-        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder")
+        for part in ("vae", "unet", "text_encoder"):
+            require_safetensors(root / part, "diffusion weights")
+        vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
         scheduler_config = DDIMScheduler.load_config(root / "scheduler")
         logger.info("loaded diffusion parts from %s", root)

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipelines.configuration import ConfigError, load_config, secret
+from pipelines.configuration import ConfigError, SecretStr, load_config, secret
 
 T = TypeVar("T")
 
@@ -19,18 +19,25 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class StorageConfig:
     """Object-store access. Credentials normally come from the standard AWS chain (env vars,
-    profile, instance/service-account role); `key`/`secret` exist for stores without one and are
-    never written to logs or outputs."""
+    profile, instance/service-account role); `key`/`secret` exist for stores without one. They stay
+    `SecretStr`s inside `storage_options()` (so every plan, stage and Ray Train run state holding
+    the options shows "***") and are revealed only where the store client is built
+    (`pipelines.storage.filesystem`)."""
 
     endpoint_url: str | None = None  # any S3-compatible endpoint (MinIO, R2, a loopback moto server)
     region: str | None = None
     profile: str | None = None
     anon: bool = False
-    key: str | None = secret()
-    secret: str | None = secret()
+    key: SecretStr | None = secret()
+    secret: SecretStr | None = secret()
+
+    def __post_init__(self) -> None:
+        for name in ("key", "secret"):  # built in code with a plain string: wrap it all the same
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, SecretStr(getattr(self, name)))
 
     def storage_options(self) -> dict[str, Any]:
-        """fsspec/s3fs keyword arguments; empty when the defaults apply."""
+        """fsspec/s3fs keyword arguments, credentials still wrapped; empty when the defaults apply."""
         options: dict[str, Any] = {}
         client: dict[str, Any] = {}
         if self.endpoint_url:

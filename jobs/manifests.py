@@ -9,6 +9,19 @@ operators, plain `CronJob`s that `dualtok submit` to a long-lived `RayCluster`. 
 only in entrypoint and worker shape (`jobs/job_kinds.py`); the pod template (image, security
 context, credentials, config mount) is written once here. Credentials come only from Kubernetes
 Secrets and the service account's cloud role; the manifests name them and never hold one.
+
+Kubernetes API rights: Ray workers, the head's Ray container and the CronJob pods run under
+`<name>-ray`, a service account with no Role and no mounted API token. Only KubeRay's autoscaler
+needs the API (it patches pods and RayClusters): the head pod runs under `<name>-autoscaler`, the
+account KubeRay binds its autoscaler Role to, and that account's token is mounted into the
+autoscaler sidecar alone (`autoscalerOptions.volumeMounts`), never into the container that runs
+the job's code.
+
+Schedules: every scheduled job's deadline is shorter than the gap between two firings, so a
+night's run is stopped before the next starts. The CronJob also has `concurrencyPolicy: Forbid`;
+KubeRay's RayCronJob has no concurrency field (its CRD: schedule, timeZone, suspend,
+jobTemplate), so there the tokenize job's output lease (a second run on one output exits naming
+the holder) is what keeps two runs off one corpus.
 """
 
 from __future__ import annotations
@@ -38,8 +51,10 @@ _UID, _GID = 1000, 100  # the `ray` user of the rayproject/ray images
 @dataclass(frozen=True)
 class Schedule:
     job: str  # a job file's name (its stem) under jobs_dir
-    schedule: str  # cron expression
+    schedule: str  # cron expression (minute hour * * day-of-week: daily or weekly patterns)
     suspend: bool = False
+    # None: the job kind's deadline, capped at 7/8 of the shortest gap between firings
+    deadline_s: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +102,8 @@ def _container(cfg: ManifestsConfig, name: str, cpus: int | str, memory: str, gp
 
 def _pod_spec(cfg: ManifestsConfig, container: dict[str, Any], gpus: int = 0) -> dict[str, Any]:
     spec: dict[str, Any] = {
-        "serviceAccountName": cfg.name,
+        "serviceAccountName": worker_account(cfg),
+        "automountServiceAccountToken": False,  # the job's code never holds a Kubernetes API token
         "securityContext": {"runAsNonRoot": True, "runAsUser": _UID, "runAsGroup": _GID, "fsGroup": _GID},
         "containers": [container],
         "volumes": [{"name": "jobs", "configMap": {"name": f"{cfg.name}-jobs"}},
@@ -102,14 +118,34 @@ def _group_name(shape: WorkerShape) -> str:
     return f"gpu{shape.gpus}x" if shape.gpus else f"cpu{shape.cpus}"
 
 
+_API_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # where Ray's KubeRay autoscaler reads it
+
+
+def worker_account(cfg: ManifestsConfig) -> str:
+    return f"{cfg.name}-ray"
+
+
+def autoscaler_account(cfg: ManifestsConfig) -> str:
+    return f"{cfg.name}-autoscaler"
+
+
 def head_group(cfg: ManifestsConfig) -> dict[str, Any]:
     container = _container(cfg, "ray-head", cfg.head_cpus, cfg.head_memory)
     container["ports"] = [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
                           {"containerPort": 10001, "name": "client"}]
+    pod = _pod_spec(cfg, container)
+    # KubeRay binds its autoscaler Role (patch pods and RayClusters) to the head pod's account; the
+    # token is projected for the autoscaler sidecar only (autoscalerOptions.volumeMounts).
+    pod["serviceAccountName"] = autoscaler_account(cfg)
+    pod["volumes"].append({"name": "autoscaler-token", "projected": {"sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+    ]}})
     return {
         # num-cpus 0: no tasks on the head; its CPUs serve the GCS, the job server and the drivers
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-        "template": {"metadata": {"labels": _labels(cfg, "ray-head")}, "spec": _pod_spec(cfg, container)},
+        "template": {"metadata": {"labels": _labels(cfg, "ray-head")}, "spec": pod},
     }
 
 
@@ -130,7 +166,9 @@ def cluster_spec(cfg: ManifestsConfig, shapes: list[WorkerShape]) -> dict[str, A
     spec = {
         "rayVersion": cfg.ray_version,
         "enableInTreeAutoscaling": True,
-        "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": cfg.idle_timeout_s},
+        "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": cfg.idle_timeout_s,
+                              "volumeMounts": [{"name": "autoscaler-token", "mountPath": _API_TOKEN_DIR,
+                                                "readOnly": True}]},
         # the operator injects RAY_AUTH_MODE/RAY_AUTH_TOKEN from this Secret into every Ray container
         "authOptions": {"mode": "token", "secretName": cfg.auth_secret},
         "headGroupSpec": head_group(cfg),
@@ -145,7 +183,7 @@ def _meta(cfg: ManifestsConfig, name: str, component: str, **extra: Any) -> dict
     return {"name": name, "namespace": cfg.namespace, "labels": _labels(cfg, component), **extra}
 
 
-def rayjob_spec(cfg: ManifestsConfig, name: str, job: JobFile) -> dict[str, Any]:
+def rayjob_spec(cfg: ManifestsConfig, name: str, job: JobFile, deadline_s: int | None = None) -> dict[str, Any]:
     return {
         # a shell runs the entrypoint on the head: a dated override is evaluated at run time
         "entrypoint": " ".join(job.kind.entrypoint(f"{CONFIG_DIR}/{name}.yaml") + job.dated_override()),
@@ -154,7 +192,7 @@ def rayjob_spec(cfg: ManifestsConfig, name: str, job: JobFile) -> dict[str, Any]
         "ttlSecondsAfterFinished": cfg.cluster_ttl_s,
         # each retry gets a fresh cluster and skips the work object storage already holds
         "backoffLimit": cfg.job_backoff_limit,
-        "activeDeadlineSeconds": job.kind.active_deadline_s,
+        "activeDeadlineSeconds": deadline_s or job.kind.active_deadline_s,
         "rayClusterSpec": cluster_spec(cfg, [job.kind.workers] if job.kind.workers else []),
     }
 
@@ -166,8 +204,9 @@ def rayjob(cfg: ManifestsConfig, name: str, job: JobFile) -> dict[str, Any]:
 
 
 def raycronjob(cfg: ManifestsConfig, schedule: Schedule, job: JobFile) -> dict[str, Any]:
+    # no concurrency policy in the RayCronJob CRD: the deadline and the tokenize lease keep runs apart
     spec = {"schedule": schedule.schedule, "timeZone": cfg.time_zone, "suspend": schedule.suspend,
-            "jobTemplate": rayjob_spec(cfg, schedule.job, job)}
+            "jobTemplate": rayjob_spec(cfg, schedule.job, job, scheduled_deadline(schedule, job))}
     return {"apiVersion": "ray.io/v1", "kind": "RayCronJob",
             "metadata": _meta(cfg, f"{cfg.name}-nightly-{schedule.job}", schedule.job), "spec": spec}
 
@@ -202,10 +241,10 @@ def cronjob(cfg: ManifestsConfig, schedule: Schedule, job: JobFile) -> dict[str,
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         "volumeMounts": [{"name": "jobs", "mountPath": CONFIG_DIR, "readOnly": True}],
     }
-    pod = {"restartPolicy": "Never", "serviceAccountName": cfg.name,
+    pod = {"restartPolicy": "Never", "serviceAccountName": worker_account(cfg), "automountServiceAccountToken": False,
            "securityContext": {"runAsNonRoot": True, "runAsUser": _UID, "runAsGroup": _GID},
            "containers": [container], "volumes": [{"name": "jobs", "configMap": {"name": f"{cfg.name}-jobs"}}]}
-    job_spec = {"backoffLimit": cfg.job_backoff_limit, "activeDeadlineSeconds": job.kind.active_deadline_s,
+    job_spec = {"backoffLimit": cfg.job_backoff_limit, "activeDeadlineSeconds": scheduled_deadline(schedule, job),
                 "ttlSecondsAfterFinished": 7 * 24 * 3600,
                 "template": {"metadata": {"labels": _labels(cfg, schedule.job)}, "spec": pod}}
     spec = {"schedule": schedule.schedule, "timeZone": cfg.time_zone, "suspend": schedule.suspend,
@@ -213,6 +252,49 @@ def cronjob(cfg: ManifestsConfig, schedule: Schedule, job: JobFile) -> dict[str,
             "successfulJobsHistoryLimit": 3, "failedJobsHistoryLimit": 3, "jobTemplate": {"spec": job_spec}}
     return {"apiVersion": "batch/v1", "kind": "CronJob",
             "metadata": _meta(cfg, f"{cfg.name}-nightly-{schedule.job}", schedule.job), "spec": spec}
+
+
+# ---- schedules -------------------------------------------------------------------------------
+_CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))  # minute hour day-of-month month day-of-week
+_WEEK_MINUTES = 7 * 24 * 60
+
+
+def schedule_period_s(cron: str) -> int:
+    """The shortest gap (seconds) between two firings of a daily or weekly cron expression."""
+    fields = cron.split()
+    if len(fields) != 5 or fields[2:4] != ["*", "*"]:
+        raise ConfigError(f"schedule {cron!r}: use 'minute hour * * day-of-week' (daily or weekly schedules)")
+    minutes, hours, _, _, days = (_cron_values(f, r, cron) for f, r in zip(fields, _CRON_RANGES, strict=True))
+    days = {d % 7 for d in days}
+    firings = sorted(d * 1440 + h * 60 + m for d in days for h in hours for m in minutes)
+    gaps = [b - a for a, b in zip(firings, [*firings[1:], firings[0] + _WEEK_MINUTES], strict=True)]
+    return min(gaps) * 60
+
+
+def _cron_values(field_text: str, bounds: tuple[int, int], cron: str) -> set[int]:
+    low, high = bounds
+    values: set[int] = set()
+    for item in field_text.split(","):
+        span, _, step = item.partition("/")
+        try:
+            first, last = (low, high) if span == "*" else (int(span.split("-")[0]), int(span.split("-")[-1]))
+            stride = int(step) if step else 1
+        except ValueError:
+            raise ConfigError(f"schedule {cron!r}: {field_text!r} is not a cron field of numbers") from None
+        if not (low <= first <= last <= high) or stride < 1:
+            raise ConfigError(f"schedule {cron!r}: {field_text!r} is outside {low}-{high}")
+        values.update(range(first, last + 1, stride))
+    return values
+
+
+def scheduled_deadline(schedule: Schedule, job: JobFile) -> int:
+    """A scheduled run's deadline: below the schedule's period, so one night's run ends before the next."""
+    period = schedule_period_s(schedule.schedule)
+    deadline = schedule.deadline_s or min(job.kind.active_deadline_s, period - period // 8)
+    if not 0 < deadline < period:
+        raise ConfigError(f"nightly {schedule.job}: deadline_s {deadline} must be > 0 and shorter than the "
+                          f"schedule's period ({period} s: {schedule.schedule!r})")
+    return deadline
 
 
 def configmap(cfg: ManifestsConfig, jobs: dict[str, JobFile]) -> dict[str, Any]:
@@ -226,11 +308,13 @@ def configmap(cfg: ManifestsConfig, jobs: dict[str, JobFile]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(cfg, f"{cfg.name}-jobs", "jobs"), "data": data}
 
 
-def serviceaccount(cfg: ManifestsConfig) -> dict[str, Any]:
-    meta = _meta(cfg, cfg.name, "ray")
+def serviceaccount(cfg: ManifestsConfig, name: str, component: str) -> dict[str, Any]:
+    """An account whose API token is never mounted by default; the cloud role (IRSA), when set,
+    reaches its pods through EKS's own projected token, so storage works on both accounts."""
+    meta = _meta(cfg, name, component)
     if cfg.role_arn:
         meta["annotations"] = {"eks.amazonaws.com/role-arn": cfg.role_arn}
-    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta, "automountServiceAccountToken": False}
 
 
 def namespace(cfg: ManifestsConfig) -> dict[str, Any]:
@@ -279,7 +363,8 @@ def render(cfg: ManifestsConfig) -> dict[str, str]:
         raise ConfigError(f"nightly schedules name job files that do not exist in {cfg.jobs_dir}: {unknown}")
     docs: dict[str, Any] = {
         "base/namespace.yaml": namespace(cfg),
-        "base/serviceaccount.yaml": serviceaccount(cfg),
+        "base/serviceaccount.yaml": serviceaccount(cfg, worker_account(cfg), "ray"),
+        "base/serviceaccount-autoscaler.yaml": serviceaccount(cfg, autoscaler_account(cfg), "autoscaler"),
         "base/configmap-jobs.yaml": configmap(cfg, jobs),
         "cluster/raycluster.yaml": raycluster(cfg),
     }

@@ -1,29 +1,60 @@
-"""`dualtok tokenize`: the main job. Its config type, and the wiring from config to pipeline."""
+"""`dualtok tokenize`: the main job. Its config type, and the wiring from config to pipeline.
+
+Exit codes: 0 every pending shard committed; 2 a config or input error, or another run holds the
+output (nothing was run: a wrong key, inputs that match no shard, a shard outside the corpus's root);
+3 partial failure: some shards failed this run (a storage fault that outlived the retries, a tar that
+cannot be read to its end), are listed with the reason, and are not committed: the others are, and
+the next run redoes the failed ones; also a run that lost its output lease part-way. Anything else
+(1) is a failure of the job itself.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
 from jobs.job_config import RayConfig, StorageConfig, add_config_arguments, config_from_args, init_ray
 from pipelines.configuration import to_dict
 from pipelines.decode import DecodeConfig
+from pipelines.lease import LeaseConfig, LeaseLostError
+from pipelines.shards import ShardLimits
 from pipelines.stages import BundleSource, StageResources
 from pipelines.tokenize import RunSummary, TokenizePlan, run_tokenize
 
 logger = logging.getLogger(__name__)
 
+EXIT_PARTIAL_FAILURE = 3  # some shards failed this run; the rest committed (0 = all, 2 = config/input error)
+
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """Image preprocessing; the encoder input size comes from the bundle."""
+    """Image preprocessing and the caps that bound what one sample may cost; the encoder input size
+    comes from the bundle. A sample over a cap is an error row with the cap's name in its reason.
+    The defaults are those of `DecodeConfig` and `ShardLimits`, the types that apply them."""
 
-    max_pixels: int = 64_000_000
-    min_side: int = 16
-    jpeg_draft: bool = True
+    max_pixels: int = DecodeConfig.max_pixels  # width x height, read from the header
+    max_decoded_bytes: int = DecodeConfig.max_decoded_bytes  # the decoded image in Pillow's mode (16-bit: 2 B/px)
+    max_member_bytes: int = ShardLimits.max_member_bytes  # an image or caption member, from its tar header
+    max_caption_bytes: int = ShardLimits.max_caption_bytes  # a .txt or .json member
+    min_side: int = DecodeConfig.min_side
+    jpeg_draft: bool = DecodeConfig.draft
+
+    def __post_init__(self) -> None:
+        for name in ("max_pixels", "max_decoded_bytes", "max_member_bytes", "max_caption_bytes", "min_side"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"image.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def limits(self) -> ShardLimits:
+        return ShardLimits(max_member_bytes=self.max_member_bytes, max_caption_bytes=self.max_caption_bytes)
+
+    def decode(self, size: int) -> DecodeConfig:
+        return DecodeConfig(size=size, max_pixels=self.max_pixels, max_decoded_bytes=self.max_decoded_bytes,
+                            min_side=self.min_side, draft=self.jpeg_draft)
 
 
 @dataclass(frozen=True)
@@ -40,6 +71,11 @@ class TokenizeConfig:
     prefetch_batches: int = 4  # decoded batches in flight per encoder actor: bounds the object store's use
     max_shards: int | None = None  # tokenize at most this many pending shards this run
     on_bundle_change: Literal["error", "keep"] = "error"
+    # Shard ids are paths under this folder, fixed when the corpus is first written (recorded in
+    # <output>/_corpus.json; unset: the recorded root, or on the first run the shards' common folder).
+    # Nightly date folders (s3://b/2026-12-01/...) need the prefix above them from the first night: s3://b/
+    input_root: str | None = None
+    lease: LeaseConfig = LeaseConfig()  # one writer per output: ttl_s, and wait_s to wait for a running one
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
 
@@ -75,12 +111,12 @@ def plan_from_config(config: TokenizeConfig) -> TokenizePlan:
     size = _input_size(source, config.streams)
     return TokenizePlan(
         inputs=list(config.inputs), output=config.output, source=source, streams=config.streams,
-        decode=DecodeConfig(size=size, max_pixels=config.image.max_pixels, min_side=config.image.min_side,
-                            draft=config.image.jpeg_draft),
+        decode=config.image.decode(size), limits=config.image.limits,
         encoder=config.encoder, read_cpus=config.read_cpus, read_actors=config.read_actors,
         prefetch_batches=config.prefetch_batches,
         max_shards=config.max_shards,
-        on_bundle_change=config.on_bundle_change, storage_options=options, resolved_config=to_dict(config),
+        on_bundle_change=config.on_bundle_change, input_root=config.input_root, lease=config.lease,
+        storage_options=options, resolved_config=to_dict(config),
     )
 
 
@@ -116,6 +152,12 @@ def print_summary(summary: RunSummary) -> None:
         f"{summary.images_per_second:.1f} images/s"
     )
     print(f"corpus:   {summary.output}  (bundle {summary.bundle_fingerprint})")
+    if summary.storage_retries:
+        print(f"storage:  {summary.storage_retries} store retries while reading shards")
+    if summary.shards_failed:
+        print(f"FAILED:   {len(summary.shards_failed)} shards were not committed; the next run redoes them:")
+        for shard, reason in summary.shards_failed.items():
+            print(f"  {shard}: {' '.join(reason.split())}")  # one line per shard
     if summary.untrained_parts:
         print(f"NOTE: the {', '.join(summary.untrained_parts)} weights are random-initialised (untrained): "
               "the tokens exercise the pipeline but carry no meaning.")
@@ -129,5 +171,10 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(TokenizeConfig, args)
     plan = plan_from_config(config)
     init_ray(config.ray, min_cpus=plan.required_cpus)
-    print_summary(run_tokenize(plan))
-    return 0
+    try:
+        summary = run_tokenize(plan)
+    except LeaseLostError as err:  # shards committed before the loss stand; the rest are the next run's
+        print(f"dualtok tokenize: stopped: {err}", file=sys.stderr)
+        return EXIT_PARTIAL_FAILURE
+    print_summary(summary)
+    return EXIT_PARTIAL_FAILURE if summary.shards_failed else 0

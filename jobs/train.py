@@ -7,13 +7,16 @@
 
 Each stage has one config type (a `TrainConfig` with the stage's defaults: SEED's released values
 for the semantic stages, see docs/training.md). Rerunning a command resumes its run (same `name`
-in the same `storage_path`) from the latest checkpoint; rerunning a finished one only says so.
+in the same `storage_path`) from the latest checkpoint; rerunning a finished one only says so. A
+rerun whose config or input bundle differs from what the run recorded stops and names each
+difference (or, with on_config_change=new_run, starts a new run): runs never mix configs.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import statistics
 import time
@@ -62,6 +65,10 @@ class TrainConfig:
     max_failures: int = 3  # worker-group restarts (from the latest checkpoint) before the run fails
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: stream order)
     read_cpus: float = 1.0
+    # A rerun whose config differs from its run's (keys outside RESUME_MAY_CHANGE, the input
+    # bundle's weights): "error" stops before training, naming each difference; "new_run" starts a
+    # fresh run named `<name>-<digest of the new config>` (which a later rerun resumes).
+    on_config_change: Literal["error", "new_run"] = "error"
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
 
@@ -75,6 +82,18 @@ class TrainConfig:
             raise ValueError(f"{', '.join(bad)} must be >= 1")
         if self.max_failures < -1:
             raise ValueError("max_failures must be >= -1 (-1: retry forever)")
+
+
+# Keys a rerun may change and still resume its run: none changes the schedule or the tensors.
+# Where the run lives and exports to, the hardware and how a step is spread over it (the global
+# batch `batch_size x grad_accumulation x num_workers` is compared instead), checkpoint and retry
+# policy, and how the data is read (a resumed stream restarts its order anyway). Every other key,
+# a new one included, must match the run's record.
+RESUME_MAY_CHANGE = frozenset({
+    "name", "storage_path", "output", "num_workers", "batch_size", "grad_accumulation", "use_gpu",
+    "resources_per_worker", "checkpoint_every", "keep_checkpoints", "max_failures", "shuffle_buffer",
+    "read_cpus", "on_config_change", "storage", "ray",
+})
 
 
 @dataclass(frozen=True)
@@ -267,4 +286,13 @@ def run(args: argparse.Namespace) -> int:
 def resolved_config(config: TrainConfig) -> dict[str, Any]:
     """The config as recorded beside the run (secrets redacted), with the stage."""
     return {"stage": config.STAGE, **to_dict(config)}
+
+
+def run_identity(config: TrainConfig, input_fingerprint: str, part_hashes: dict[str, str]) -> dict[str, Any]:
+    """What fixes a run's schedule and tensors, as JSON data: the resolved config less the keys a
+    rerun may change, the global batch, and the input bundle's fingerprint and part hashes."""
+    kept = {k: v for k, v in resolved_config(config).items() if k not in RESUME_MAY_CHANGE}
+    kept["global_batch"] = config.batch_size * config.grad_accumulation * config.num_workers
+    kept["input_fingerprint"], kept["input_part_hashes"] = input_fingerprint, dict(part_hashes)
+    return json.loads(json.dumps(kept, sort_keys=True, default=str))  # as a run.json read back has it
 

@@ -8,18 +8,19 @@ Q-Former's text tokenizer, the run's layout on storage and the worker resources.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from dualtok_core.bundle import BUNDLE_SCHEMA_VERSION, BundleInfo
-from dualtok_core.errors import BundleError
+from dualtok_core.errors import BundleError, DualtokError
 from dualtok_core.presets import get_preset
 from dualtok_core.training import LRSchedule
 from dualtok_core.training_stages import stage_class
-from jobs.train import TrainConfig, default_run_name, resolved_config
-from jobs.train_state import ExportRequest, RunLayout, available_parts, bundle_text_tokenizer
+from jobs.train import TrainConfig, default_run_name, resolved_config, run_identity
+from jobs.train_state import RUN_FILE, ExportRequest, RunLayout, available_parts, bundle_text_tokenizer
 from jobs.train_worker import WorkerPlan
 from pipelines.stages import BundleSource
 from pipelines.storage import commit_bytes, filesystem, join, list_shards
@@ -37,6 +38,8 @@ class TrainPlan:
     data: TrainingDataConfig
     input_fingerprint: str
     resources_per_worker: dict[str, float] | None = field(default=None, hash=False)
+    identity: dict[str, Any] = field(default_factory=dict, hash=False)  # what a rerun must match to resume
+    replaces: str | None = None  # on_config_change=new_run: the run whose config this one changed
 
     def dataset(self) -> Any:
         """The Ray Data dataset of the inputs' training rows (lazy; streamed by the workers)."""
@@ -50,10 +53,11 @@ class TrainPlan:
 
         record = {"config": resolved_config(self.config), "versions": package_versions(),
                   "input": {"bundle": self.config.bundle, "fingerprint": self.input_fingerprint,
-                            "part_hashes": dict(self.worker.source.expected_hashes)}}
+                            "part_hashes": dict(self.worker.source.expected_hashes)},
+                  "identity": self.identity, "replaces": self.replaces}
         fs, _ = filesystem(self.layout.run_dir, self.layout.storage_options or None)
         body = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
-        commit_bytes(fs, fs._strip_protocol(self.layout.path("run.json")), body)
+        commit_bytes(fs, fs._strip_protocol(self.layout.path(RUN_FILE)), body)
 
 
 def plan_training(config: TrainConfig) -> TrainPlan:
@@ -69,7 +73,9 @@ def plan_training(config: TrainConfig) -> TrainPlan:
     source = dataclasses.replace(source, expected_hashes={p: info.part_hashes[p] for p in needed
                                                            if p in info.part_hashes})
     part_config = _part_config(source, stage.part)
-    layout = RunLayout(config.storage_path, config.name or default_run_name(config.STAGE, config.output), options)
+    identity = run_identity(config, info.fingerprint, source.expected_hashes)
+    requested = RunLayout(config.storage_path, config.name or default_run_name(config.STAGE, config.output), options)
+    layout = resolve_run(config, requested, identity)
     text_tokenizer = _text_tokenizer(config, source, part_config)
     _check_movq(getattr(config, "init_from_movq", None), options)
     provenance = (f"trained: stage {config.STAGE}, run {layout.name}, steps {config.steps}, "
@@ -83,8 +89,52 @@ def plan_training(config: TrainConfig) -> TrainPlan:
                              storage_options=options),
         data=TrainingDataConfig(image_size=int(part_config["image_size"]), require_captions=stage.needs_captions,
                                 read_cpus=config.read_cpus, storage_options=options),
-        input_fingerprint=info.fingerprint, resources_per_worker=resources,
+        input_fingerprint=info.fingerprint, resources_per_worker=resources, identity=identity,
+        replaces=requested.name if layout.name != requested.name else None,
     )
+
+
+def resolve_run(config: TrainConfig, layout: RunLayout, identity: dict[str, Any]) -> RunLayout:
+    """The run this config continues: `layout`'s when it is new or recorded the same identity.
+    Otherwise resuming would mix schedules, tensors or provenance, so stop naming each difference,
+    or (on_config_change=new_run) go to the run named after the new identity, new or resumable."""
+    changes = identity_changes(layout, identity)
+    if not changes:
+        return layout
+    if config.on_config_change == "new_run":
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+        fresh = dataclasses.replace(layout, name=f"{layout.name}-{digest}")
+        if not identity_changes(fresh, identity):
+            logger.warning("run %s was made with another config (%s); training run %s instead",
+                           layout.name, "; ".join(changes), fresh.name)
+            return fresh
+    raise DualtokError(
+        f"run {layout.name} in {layout.storage_path} was made with another config, so resuming it would mix "
+        f"them: {'; '.join(changes)}. Rerun with the run's values to resume it, or give "
+        "on_config_change=new_run (or another name=) to start a new run"
+    )
+
+
+def identity_changes(layout: RunLayout, identity: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for every recorded identity key that differs; [] for a run not started yet."""
+    record = layout.record()
+    if record is None or "identity" not in record:
+        if record is None and not layout.has_checkpoints():
+            return []
+        return ["the run records no config identity (made by an older dualtok)"]
+    old, new = _flat(record["identity"]), _flat(identity)
+    return [f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
+            for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def _worker_plan(

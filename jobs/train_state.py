@@ -1,6 +1,8 @@
 """What a training run leaves on storage, and how it becomes a bundle.
 
 Under `<storage_path>/<name>/` (any fsspec URI):
+    run.json                      the resolved config (secrets redacted), versions, input bundle, and the
+                                  run's identity: what a rerun must match to resume it (jobs/train_plan.py)
     checkpoint_*/                 Ray Train's checkpoints (trainable.safetensors, training_state.pt, checkpoint.json)
     metrics/<last step>.jsonl     per-step metrics, one file per checkpoint interval, written with the checkpoint
     metrics.jsonl                 all of them in step order, written at the end
@@ -27,13 +29,13 @@ from dualtok_core.guide import GuideVQModel
 from dualtok_core.training_stages import TrainingStage, stage_class
 from pipelines import schemas as S
 from pipelines.stages import BundleSource
-from pipelines.storage import commit_bytes, filesystem, join
+from pipelines.storage import commit_bytes, filesystem, join, revealed
 from pipelines.training_data import local_folder
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE, STATE_FILE, META_FILE = "trainable.safetensors", "training_state.pt", "checkpoint.json"
-METRICS_DIR, METRICS_FILE, FINISHED_FILE = "metrics", "metrics.jsonl", "_finished.json"
+METRICS_DIR, METRICS_FILE, FINISHED_FILE, RUN_FILE = "metrics", "metrics.jsonl", "_finished.json", "run.json"
 TEXT_TOKENIZER_DIR = "semantic/tokenizer"  # inside a bundle: the Q-Former's text tokenizer
 
 
@@ -89,6 +91,18 @@ class RunLayout:
         fs.invalidate_cache()
         marker = fs._strip_protocol(self.path(FINISHED_FILE))
         return json.loads(fs.cat_file(marker)) if fs.exists(marker) else None
+
+    def record(self) -> dict[str, Any] | None:
+        """The run's `run.json`, or None before its first start."""
+        fs, _ = self._fs()
+        fs.invalidate_cache()
+        path = fs._strip_protocol(self.path(RUN_FILE))
+        return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+    def has_checkpoints(self) -> bool:
+        fs, _ = self._fs()
+        root = fs._strip_protocol(self.run_dir)
+        return fs.isdir(root) and any(p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_") for p in fs.ls(root))
 
     def write_finished(self, marker: dict[str, Any]) -> None:
         fs, _ = self._fs()
@@ -230,7 +244,7 @@ def export_bundle(request: ExportRequest, checkpoint_dir: Path) -> DualTokenizer
     hashes = {p: h for p, h in tokenizer.info.part_hashes.items() if p != stage.part}
     sources = {**tokenizer.info.sources, stage.part: request.provenance}
     exported = DualTokenizer(modules, BundleInfo(preset=tokenizer.info.preset, sources=sources, part_hashes=hashes))
-    exported.save_pretrained(request.output, storage_options=request.storage_options or None)
+    exported.save_pretrained(request.output, storage_options=revealed(request.storage_options) or None)
     _carry_text_tokenizer(request, "semantic" in parts)
     logger.info("exported %s to %s (fingerprint %s)", request.stage, request.output, exported.fingerprint)
     return exported

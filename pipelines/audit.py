@@ -45,6 +45,7 @@ from pipelines.audit_stages import (
 )
 from pipelines.perceptual import PerceptualWeights
 from pipelines.stages import BundleSource, StageResources, add_actor_stage
+from pipelines.corpus_identity import read_input_root
 from pipelines.storage import commit_bytes, common_root, filesystem, join, list_shards, shard_id
 
 logger = logging.getLogger(__name__)
@@ -166,8 +167,10 @@ def _source_uris(plan: AuditPlan, markers: dict[str, dict[str, Any]]) -> dict[st
     if not plan.sources:
         return {sid: m.get("shard_uri", "") for sid, m in markers.items()}
     uris = list_shards(list(plan.sources), plan.storage_options or None)
-    root = common_root(uris)
-    given = {shard_id(uri, root): uri for uri in uris}
+    # ids are paths under the root the corpus recorded (date folders: 2026-12-01__00000), not under
+    # whatever root the given sources share; a source outside it is no shard of this corpus
+    root = read_input_root(plan.corpus, plan.storage_options or None) or common_root(uris)
+    given = {shard_id(uri, root): uri for uri in uris if uri.startswith(root)}
     return {sid: given.get(sid, "") for sid in markers}
 
 

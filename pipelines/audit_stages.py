@@ -26,7 +26,7 @@ from dualtok_core.imaging import check_token_ids, resize_float, to_uint8
 from dualtok_core.presets import PARTS
 from pipelines import schemas as S
 from pipelines.decode import DecodeConfig, DecodeError, decode_image
-from pipelines.shards import iter_samples
+from pipelines.shards import ShardFormatError, iter_samples
 from pipelines.stages import BundleSource, StageResources, pick_device, pick_dtype
 from pipelines.storage import filesystem
 
@@ -132,12 +132,17 @@ class FetchOriginals:
             return
         wanted = {int(payload[S.INDEX][r]): int(r) for r in rows}
         last = max(wanted)
-        for sample in iter_samples(uri, self.storage_options or None):
-            row = wanted.pop(sample.index, None)
-            if row is not None:
-                self._take(sample, row, payload)
-            if sample.index >= last or not wanted:
-                break
+        try:
+            for sample in iter_samples(uri, self.storage_options or None):
+                row = wanted.pop(sample.index, None)
+                if row is not None:
+                    self._take(sample, row, payload)
+                if sample.index >= last or not wanted:
+                    break
+        except ShardFormatError as err:  # the tar breaks before the wanted samples
+            fail_rows(payload, np.array(list(wanted.values()), dtype=np.int64), STAGE_FETCH,
+                      f"source shard {uri} unreadable: {err}")
+            return
         for index, row in wanted.items():
             fail_rows(payload, np.array([row]), STAGE_FETCH, f"source shard {uri} has no sample at index {index}")
 

@@ -3,7 +3,8 @@
 Layout under the output URI:
     data/<shard-id>.parquet        corpus rows of one input shard (schemas.corpus_schema)
     errors/<shard-id>.parquet      errors of that shard (schemas.ERRORS_SCHEMA)
-    _committed/<shard-id>.json     written last: the shard is done (counts, bundle, files)
+    _committed/<shard-id>.json     written last: the shard is done (counts, bundle, files, and the size
+                                   and version of the input read: a changed input is redone)
     manifest.json                  the latest run's resolved config, versions, totals
     runs/<run-id>.json             every run's manifest, kept
 A shard without a marker is not done; a rerun rewrites its files under the same names, so the
@@ -17,14 +18,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import schemas as S
-from pipelines.storage import commit_bytes, filesystem, join
+from pipelines.storage import StorageFault, commit_bytes, filesystem, join
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class _PendingShard:
     samples: set[int] = field(default_factory=set)  # indices of SAMPLE rows received
     errors: dict[int, dict[str, Any]] = field(default_factory=dict)
     expected: int | None = None
+    source: dict[str, Any] = field(default_factory=dict)  # what the END row says of the object read
+    failed: str | None = None  # why the shard failed this run: it is not committed
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -55,7 +58,9 @@ class _PendingShard:
     def add(self, batch: dict[str, np.ndarray], rows: np.ndarray, columns: list[str]) -> None:
         kinds = batch[S.ROW_KIND][rows]
         for i in rows[kinds == S.END]:
-            self.expected = int(batch[S.SHARD_SAMPLES][i])
+            self._end(batch, int(i))
+        if self.failed:
+            return
         sample_rows = rows[kinds == S.SAMPLE]
         if len(sample_rows):
             self.chunks.append({name: batch[name][sample_rows] for name in columns})
@@ -66,6 +71,23 @@ class _PendingShard:
             index = int(batch[S.INDEX][i])
             if index not in self.samples:
                 self.errors[index] = _error_row(batch, i)
+
+    def _end(self, batch: dict[str, np.ndarray], i: int) -> None:
+        """An END row: the shard's sample count and the object it was read from, or why it failed."""
+        self.source["storage_retries"] = int(batch[S.SHARD_RETRIES][i])
+        if batch[S.REASON][i]:
+            self.failed = f"{batch[S.STAGE][i]}: {batch[S.REASON][i]}"
+            return
+        self.expected = int(batch[S.SHARD_SAMPLES][i])
+        self.source.update(shard_bytes=int(batch[S.SHARD_BYTES][i]), shard_version=str(batch[S.SHARD_VERSION][i]))
+
+    def miscount(self) -> str | None:
+        """Why the rows do not add up to the tar's samples (each index 0..samples-1 once), or None."""
+        accounted = self.samples | self.errors.keys()
+        if len(self.samples) + len(self.errors) == self.expected and accounted == set(range(self.expected or 0)):
+            return None
+        return (f"rows + errors ({len(self.samples)} + {len(self.errors)}) do not account for the "
+                f"{self.expected} samples in the tar one each")
 
     def table(self, schema: pa.Schema) -> pa.Table:
         """SAMPLE rows in index order, each index once (a batch re-delivered after a retried task
@@ -114,50 +136,96 @@ class CorpusLayout:
 
 
 class CorpusWriter:
-    """Collects the rows of each shard as they stream in and commits a shard once it is whole."""
+    """Collects the rows of each shard as they stream in and commits a shard once it is whole.
 
-    def __init__(self, layout: CorpusLayout, shard_uris: dict[str, str], run_id: str) -> None:
+    A shard FAILS for this run (never committed; the next run redoes it) when its END row says so
+    (a storage fault, a tar that cannot be read to its end), when its rows do not add up to its
+    samples, or when the store refuses its commit. `failed` holds why; the run goes on with the others.
+    """
+
+    def __init__(self, layout: CorpusLayout, shard_uris: dict[str, str], run_id: str,
+                 guard: Callable[[], None] | None = None) -> None:
         self.layout = layout
+        self.guard = guard  # called before each commit; raises to stop the run (a lost output lease)
         self.shard_uris = shard_uris
         self.run_id = run_id
         self.pending: dict[str, _PendingShard] = {}
         self.done: dict[str, dict[str, Any]] = {}
+        self.failed: dict[str, str] = {}
+        self.storage_retries: dict[str, int] = {}  # per shard: store retries its read took (END rows)
         self.fs, _ = filesystem(layout.output, layout.storage_options or None)
         self.schema = S.corpus_schema(layout.guide_len, layout.semantic_len, layout.metadata)
 
     def add(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         """Take one batch of rows; returns the markers of shards this batch completed."""
         shards = batch[S.SHARD]
-        touched = sorted({str(s) for s in shards})
+        # rows of a shard already failed or committed this run (a re-delivered batch) change nothing
+        touched = sorted({str(s) for s in shards} - self.failed.keys() - self.done.keys())
         for shard in touched:
             rows = np.flatnonzero(shards == shard)
-            self.pending.setdefault(shard, _PendingShard()).add(batch, rows, self.schema.names)
-        return [self.commit(shard) for shard in touched if self.pending[shard].complete]
+            pending = self.pending.setdefault(shard, _PendingShard())
+            pending.add(batch, rows, self.schema.names)
+            if pending.failed:
+                self._fail(shard, pending.failed)
+        ready = [shard for shard in touched if shard in self.pending and self.pending[shard].complete]
+        return [marker for marker in map(self.commit, ready) if marker is not None]
 
-    def commit(self, shard: str) -> dict[str, Any]:
-        """Write data, then errors, then the marker: the marker's presence means all are whole."""
-        pending = self.pending.pop(shard)
+    def commit(self, shard: str) -> dict[str, Any] | None:
+        """Write data, then errors, then the marker: the marker's presence means all are whole.
+        Returns the marker, or None when the shard failed instead (see `failed`)."""
+        pending = self.pending[shard]
+        miscount = pending.miscount()
+        if miscount:
+            self._fail(shard, f"{S.STAGE_READ}: {miscount}")
+            return None
         table = pending.table(self.schema)
         errors = [pending.errors[i] for i in sorted(pending.errors)]
         data = _parquet_bytes(table, _DICTIONARY_COLUMNS, _TOKEN_ENCODING)
         err = _parquet_bytes(pa.Table.from_pylist(errors, schema=S.ERRORS_SCHEMA), True, None)
-        data_path = self.layout.path(DATA_DIR, f"{shard}.parquet")
-        errors_path = self.layout.path(ERRORS_DIR, f"{shard}.parquet")
-        commit_bytes(self.fs, _fs_path(self.fs, data_path), data)
-        commit_bytes(self.fs, _fs_path(self.fs, errors_path), err)
-        marker = {
+        marker = self._marker(shard, pending, table.num_rows, errors, len(data))
+        if marker["rows"] + marker["errors"] != marker["samples"]:  # `miscount` makes this hold
+            raise RuntimeError(f"shard {shard}: the marker would not add up: {marker}")
+        if self.guard is not None:
+            self.guard()
+        try:
+            self._write(shard, data, err, marker)
+        except StorageFault as fault:
+            # its files may stay without a marker: the next run rewrites them under the same names
+            self._fail(shard, f"{S.STAGE_STORAGE}: commit failed: {fault}")
+            return None
+        del self.pending[shard]
+        self.storage_retries[shard] = pending.source.get("storage_retries", 0)
+        self.done[shard] = marker
+        return marker
+
+    def _write(self, shard: str, data: bytes, errors: bytes, marker: dict[str, Any]) -> None:
+        for directory, body in ((DATA_DIR, data), (ERRORS_DIR, errors)):
+            commit_bytes(self.fs, _fs_path(self.fs, self.layout.path(directory, f"{shard}.parquet")), body)
+        marker_path = self.layout.path(MARKERS_DIR, f"{shard}.json")
+        commit_bytes(self.fs, _fs_path(self.fs, marker_path), json.dumps(marker, indent=1).encode())
+
+    def _marker(self, shard: str, pending: _PendingShard, rows: int, errors: list[dict[str, Any]],
+                data_bytes: int) -> dict[str, Any]:
+        """The commit marker. `shard_bytes`/`shard_version` pin the input object read: a later run
+        that lists a different size or version redoes the shard."""
+        return {
             "shard": shard, "shard_uri": self.shard_uris.get(shard, ""), "samples": pending.expected,
-            "rows": table.num_rows, "errors": len(errors),
+            "rows": rows, "errors": len(errors),
             "errors_by_reason": _reasons(errors), "run_id": self.run_id,
             "bundle_fingerprint": self.layout.metadata.get("bundle_fingerprint"),
-            "data_file": f"{DATA_DIR}/{shard}.parquet", "data_bytes": len(data),
+            "shard_bytes": pending.source["shard_bytes"], "shard_version": pending.source["shard_version"],
+            "storage_retries": pending.source.get("storage_retries", 0),
+            "data_file": f"{DATA_DIR}/{shard}.parquet", "data_bytes": data_bytes,
             "errors_file": f"{ERRORS_DIR}/{shard}.parquet", "seconds": round(time.monotonic() - pending.started, 3),
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        marker_path = self.layout.path(MARKERS_DIR, f"{shard}.json")
-        commit_bytes(self.fs, _fs_path(self.fs, marker_path), json.dumps(marker, indent=1).encode())
-        self.done[shard] = marker
-        return marker
+
+    def _fail(self, shard: str, reason: str) -> None:
+        pending = self.pending.pop(shard, None)
+        if pending is not None:
+            self.storage_retries[shard] = pending.source.get("storage_retries", 0)
+        self.failed[shard] = reason
+        logger.warning("shard %s failed this run, not committed (the next run redoes it): %s", shard, reason)
 
 
 def _fs_path(fs: Any, uri: str) -> str:

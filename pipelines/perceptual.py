@@ -126,7 +126,8 @@ class ClipScorer:
         if not Path(folder, "config.json").is_file():
             raise BundleError(f"{folder} is not a transformers CLIP folder (no config.json); nothing is downloaded")
         self.device = device or torch.device("cpu")
-        self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval().to(self.device)
+        model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)  # never a pickle
+        self.model = model.eval().to(self.device)
         self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
 

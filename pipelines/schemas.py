@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 CORPUS_SCHEMA_VERSION = 1
@@ -28,10 +29,77 @@ IMAGE = "image"  # (S, S, 3) uint8 square crop at the encoder's input size
 ROW_KIND = "row_kind"  # SAMPLE, ERROR or END (one END row per shard carries the sample count)
 SHARD_SAMPLES = "shard_samples"  # on END rows: samples read from the shard; -1 elsewhere
 SHARD_URI = "shard_uri"
+# On END rows: the object the read stage read (its size in bytes and `storage.object_version`: the
+# ETag on object stores), and the storage retries it took. An END row whose REASON is not empty
+# means the shard FAILED this run (a storage fault that outlived the retries, or a tar that cannot
+# be read to its end): the writer drops its rows and does not commit it; the next run redoes it.
+SHARD_BYTES, SHARD_VERSION, SHARD_RETRIES = "shard_bytes", "shard_version", "shard_retries"
 SAMPLE, ERROR, END = 0, 1, 2
+
+IMAGE_BYTES = "image_bytes"  # the sample's image member, from the read stage to the decode stage
 
 # Error stages.
 STAGE_READ, STAGE_DECODE, STAGE_ENCODE = "read", "decode", "encode"
+STAGE_STORAGE = "storage"  # on a failed shard's END row: the store, not the data, failed
+
+# Arrow types of every in-flight column. Each stage builds its output table with these
+# (`inflight_table`), so no type is ever inferred: a block whose captions are all missing is still
+# a string column, and merges with the next block. The stages' outputs:
+#   read:    ROW_KIND KEY SHARD INDEX CAPTION IMAGE_BYTES STAGE REASON SHARD_SAMPLES SHARD_BYTES SHARD_VERSION SHARD_RETRIES
+#   decode:  the read columns less IMAGE_BYTES, plus IMAGE WIDTH HEIGHT
+#   encode:  the decode columns less IMAGE, plus the token column of each stream
+INFLIGHT_TYPES: dict[str, pa.DataType] = {
+    SHARD_URI: pa.string(), ROW_KIND: pa.int8(), KEY: pa.string(), SHARD: pa.string(), INDEX: pa.int64(),
+    CAPTION: pa.string(), IMAGE_BYTES: pa.large_binary(),  # large: a block may pass 2 GiB of members
+    STAGE: pa.string(), REASON: pa.string(), SHARD_SAMPLES: pa.int64(), SHARD_BYTES: pa.int64(),
+    SHARD_VERSION: pa.string(), SHARD_RETRIES: pa.int32(), WIDTH: pa.int32(), HEIGHT: pa.int32(),
+}
+# (N, ...) arrays travel as Arrow's fixed-shape tensor (stored as a fixed-size list of the element
+# type), which Ray Data hands to the next stage as one (N, ...) ndarray. The shape comes from the
+# array: IMAGE (N, S, S, 3) uint8, token columns (N, length) uint16.
+INFLIGHT_TENSORS: dict[str, pa.DataType] = {IMAGE: pa.uint8(), GUIDE_TOKENS: pa.uint16(), SEMANTIC_TOKENS: pa.uint16()}
+
+
+def inflight_table(columns: dict[str, np.ndarray]) -> pa.Table:
+    """A stage's output columns -> a table with the explicit in-flight types; a column without one,
+    or a tensor of the wrong element type, is an error of the stage, not something to guess."""
+    fields, arrays = [], []
+    for name, values in columns.items():
+        if name in INFLIGHT_TENSORS:
+            array = _tensor_array(name, np.asarray(values), INFLIGHT_TENSORS[name])
+        elif name in INFLIGHT_TYPES:
+            # from_pandas: a null that Ray handed over as NaN (an all-null object column) stays null
+            array = pa.array(values, INFLIGHT_TYPES[name], from_pandas=True)
+        else:
+            raise KeyError(f"in-flight column {name!r} has no Arrow type in schemas.INFLIGHT_TYPES")
+        fields.append(pa.field(name, array.type))
+        arrays.append(array)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _tensor_array(name: str, values: np.ndarray, element: pa.DataType) -> pa.Array:
+    if values.ndim < 2 or values.dtype != element.to_pandas_dtype():
+        raise TypeError(f"in-flight column {name!r} must be an (N, ...) {element} array, got {values.dtype} "
+                        f"of shape {values.shape}")
+    shape = list(values.shape[1:])
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), element)
+    storage = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(shape)))
+    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(element, shape), storage)
+
+
+def inflight_columns(table: pa.Table) -> dict[str, np.ndarray]:
+    """An in-flight table -> the numpy batch Ray Data hands the next stage (tensors as (N, ...) arrays,
+    strings and bytes as object arrays): for calling stages one after another without Ray."""
+    out = {}
+    for name, column in zip(table.column_names, table.columns):
+        if isinstance(column.type, pa.FixedShapeTensorType):
+            element = column.type.value_type.to_pandas_dtype()
+            storage = column.combine_chunks().storage.flatten()
+            out[name] = storage.to_numpy(zero_copy_only=False).astype(element, copy=False).reshape(
+                (len(column), *column.type.shape))
+        else:
+            out[name] = column.to_numpy(zero_copy_only=False)
+    return out
 
 
 def corpus_schema(guide_len: int | None, semantic_len: int | None, metadata: dict[str, Any]) -> pa.Schema:

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from dualtok_core.bundle import DualTokenizer
 from dualtok_core.errors import BundleError
 from dualtok_core.presets import preset_names
 from pipelines import schemas as S
+from pipelines.storage import revealed
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +66,8 @@ class BundleSource:
         if self.is_preset:
             tokenizer = DualTokenizer.from_preset(self.spec, seed=self.seed, parts=parts)
         else:
-            tokenizer = DualTokenizer.from_pretrained(self.spec, parts=parts, storage_options=self.storage_options or None)
+            tokenizer = DualTokenizer.from_pretrained(self.spec, parts=parts,
+                                                   storage_options=revealed(self.storage_options) or None)
         for part in parts:
             expected, actual = self.expected_hashes.get(part), tokenizer.info.part_hashes[part]
             if expected is not None and expected != actual:
@@ -103,7 +106,8 @@ class EncodeTokens:
         logger.info("EncodeTokens: loaded %s %s (%s) on %s/%s, %d torch threads", source.spec, "+".join(self.streams),
                     self.tokenizer.fingerprint, self.device, self.dtype, torch.get_num_threads())
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """The batch less IMAGE, plus a token column per stream, typed as `schemas.inflight_table` says."""
         rows = np.flatnonzero(batch[S.ROW_KIND] == S.SAMPLE)
         images = batch[S.IMAGE][rows]  # (N, S, S, 3) uint8, SAMPLE rows only
         out = {k: v for k, v in batch.items() if k != S.IMAGE}  # images stop here: only tokens go on
@@ -112,7 +116,7 @@ class EncodeTokens:
             if len(rows):
                 tokens[rows] = self.encoders[stream](images)  # (N, length) uint16
             out[_STREAM_COLUMNS[stream]] = tokens
-        return out
+        return S.inflight_table(out)
 
 
 def pick_device(name: str) -> torch.device:

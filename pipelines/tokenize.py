@@ -8,7 +8,8 @@ Decoded images cross the object store once, from a read actor into an encoder ac
 in flight are capped (`prefetch_batches` per actor), so memory stays flat however large the input.
 Only token rows (a few hundred bytes an image) reach the driver. The unit of work and of commit is
 the input shard: a rerun skips committed shards, picks up new ones, and redoes any shard a crash
-left uncommitted.
+left uncommitted, that failed (a store fault that outlived the retries, a tar that cannot be read to
+its end: `RunSummary.shards_failed`, never committed), or whose input changed since its commit.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ from typing import Any, Literal
 
 from pipelines import schemas as S
 from pipelines.corpus import RUNS_DIR, CorpusLayout, CorpusWriter
+from pipelines.corpus_identity import assign_shard_ids
 from pipelines.decode import DecodeConfig
+from pipelines.lease import Lease, LeaseConfig
 from pipelines.read_stages import DecodeImages, ReadShards, add_read_stage
+from pipelines.shards import ShardLimits
 from pipelines.stages import BundleSource, EncodeTokens, StageResources, add_actor_stage
-from pipelines.storage import commit_bytes, common_root, filesystem, list_shards, shard_id
+from pipelines.storage import ShardObject, commit_bytes, filesystem, list_shard_objects
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +54,15 @@ class TokenizePlan:
     source: BundleSource
     streams: Streams = "both"
     decode: DecodeConfig = DecodeConfig()
+    limits: ShardLimits = ShardLimits()  # caps on tar members, checked before they are read
     encoder: StageResources = StageResources()
     read_cpus: float = 1.0
     read_actors: int = 1
     prefetch_batches: int = 4  # decoded batches held in the object store per encoder actor, at most
     max_shards: int | None = None
     on_bundle_change: Literal["error", "keep"] = "error"
+    input_root: str | None = None  # shard ids are paths under it; None: the corpus's recorded root
+    lease: LeaseConfig = LeaseConfig()
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
     resolved_config: dict[str, Any] = field(default_factory=dict, hash=False)  # secrets already redacted
 
@@ -95,6 +102,8 @@ class RunSummary:
     seconds: float
     bundle_fingerprint: str
     untrained_parts: list[str]
+    shards_failed: dict[str, str] = field(default_factory=dict)  # shard -> why; not committed, redone next run
+    storage_retries: int = 0  # store retries the shard reads took this run (from the read stage's END rows)
 
     @property
     def images_per_second(self) -> float:
@@ -102,25 +111,32 @@ class RunSummary:
 
 
 def run_tokenize(plan: TokenizePlan) -> RunSummary:
-    """Tokenize every input shard not yet committed under `plan.output`."""
-    import ray
-
+    """Tokenize every input shard not yet committed under `plan.output`, holding the output's lease
+    (`pipelines.lease`) from start to end: a second run on the same output fails at once, naming this one."""
     started = time.monotonic()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    uris = list_shards(plan.inputs, plan.storage_options or None)
-    root = common_root(uris)
-    ids = {shard_id(u, root): u for u in uris}
-    if len(ids) != len(uris):
-        raise ValueError("two input shards map to the same shard id; give inputs under one common root")
+    with Lease(plan.output, run_id, plan.lease, plan.storage_options or None) as lease:
+        return _run_held(plan, run_id, lease, started)
+
+
+def _run_held(plan: TokenizePlan, run_id: str, lease: Lease, started: float) -> RunSummary:
+    """The run, while it holds the output's lease; every shard commit checks the lease first."""
+    import ray
+
+    objects = {obj.uri: obj for obj in list_shard_objects(plan.inputs, plan.storage_options or None)}
+    uris = sorted(objects)
     layout, info = _layout(plan)
     plan = dataclasses.replace(plan, source=dataclasses.replace(plan.source, expected_hashes=info["part_hashes"]))
     committed = layout.committed()
+    # ids are paths under the corpus's recorded input root, whatever else this run lists
+    ids = assign_shard_ids(uris, plan.output, committed, plan.input_root, run_id, plan.storage_options or None)
     _check_bundle(committed, info["bundle_fingerprint"], plan.on_bundle_change)
-    pending = [sid for sid in sorted(ids) if sid not in committed]
+    skipped = _still_committed(committed, {sid: objects[uri] for sid, uri in ids.items()})
+    pending = [sid for sid in sorted(ids) if sid not in skipped]
     if plan.max_shards is not None:
         pending = pending[: plan.max_shards]
-    logger.info("%d input shards: %d already committed, %d to do", len(ids), len(committed), len(pending))
-    writer = CorpusWriter(layout, {sid: ids[sid] for sid in pending}, run_id)
+    logger.info("%d input shards: %d already committed, %d to do", len(ids), len(skipped), len(pending))
+    writer = CorpusWriter(layout, {sid: ids[sid] for sid in pending}, run_id, guard=lease.guard)
     if pending:
         if not ray.is_initialized():
             ray.init()
@@ -128,11 +144,13 @@ def run_tokenize(plan: TokenizePlan) -> RunSummary:
         dataset = _build_dataset(plan, [(sid, ids[sid]) for sid in pending])
         _drain(dataset, writer, total=len(pending))
     summary = RunSummary(
-        output=plan.output, shards_total=len(ids), shards_skipped=len(committed), shards_committed=len(writer.done),
+        output=plan.output, shards_total=len(ids), shards_skipped=len(skipped), shards_committed=len(writer.done),
         images=sum(m["rows"] for m in writer.done.values()), errors=sum(m["errors"] for m in writer.done.values()),
         seconds=time.monotonic() - started, bundle_fingerprint=info["bundle_fingerprint"],
-        untrained_parts=info["untrained_parts"],
+        untrained_parts=info["untrained_parts"], shards_failed=dict(sorted(writer.failed.items())),
+        storage_retries=sum(writer.storage_retries.values()),
     )
+    lease.guard()  # the manifest describes this run's corpus: only while the run still holds the output
     _write_manifest(plan, layout, run_id, summary, info)
     return summary
 
@@ -167,6 +185,24 @@ def _warn_if_starved(required: float) -> None:
                        "has %.1f now; it waits until the autoscaler adds nodes", required, available)
 
 
+def _still_committed(committed: dict[str, dict[str, Any]], inputs: dict[str, ShardObject]) -> set[str]:
+    """The input shards whose marker describes the object listed now. A shard rewritten since its
+    commit (another size or version) is pending again, and its files are rewritten under the same
+    names. Markers written before markers recorded the input (no `shard_version`) count as committed:
+    there is nothing to compare them with, and redoing every old shard would be a surprise."""
+    done = set()
+    for sid, obj in inputs.items():
+        marker = committed.get(sid)
+        if marker is None:
+            continue
+        if "shard_version" in marker and (marker["shard_version"], marker.get("shard_bytes")) != (obj.version, obj.size):
+            logger.info("shard %s: input changed since its commit (%s, %s bytes -> %s, %s bytes); redoing it",
+                        sid, marker["shard_version"], marker.get("shard_bytes"), obj.version, obj.size)
+            continue
+        done.add(sid)
+    return done
+
+
 def _check_bundle(committed: dict[str, dict[str, Any]], fingerprint: str, policy: str) -> None:
     others = sorted({m.get("bundle_fingerprint") for m in committed.values()} - {fingerprint})
     if others and policy == "error":
@@ -188,8 +224,8 @@ def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]]) -> Any:
     # encoder batch per block lets every actor take work and makes the budget count batches.
     ds.context.target_max_block_size = plan.batch_bytes
     # read blocks of one encoder batch each: the unit the in-flight budget below is counted in
-    ds = add_read_stage(ds, ReadShards(plan.storage_options, rows_per_batch=plan.encoder.batch_size),
-                        DecodeImages(plan.decode), num_cpus=plan.read_cpus, max_actors=plan.read_actors)
+    read = ReadShards(plan.storage_options, rows_per_batch=plan.encoder.batch_size, limits=plan.limits)
+    ds = add_read_stage(ds, read, DecodeImages(plan.decode), num_cpus=plan.read_cpus, max_actors=plan.read_actors)
     ds = add_actor_stage(ds, EncodeTokens, plan.encoder, source=plan.source, streams=plan.parts)
     # Decoding is ~100x cheaper than encoding on CPU; left to Ray Data's default budget (half the
     # object store) the read actors race through the whole input ahead of the encoders, and the
@@ -206,7 +242,7 @@ def _drain(dataset: Any, writer: CorpusWriter, total: int) -> None:
             done += 1
             logger.info("committed shard %s: %d rows, %d errors (%d/%d shards this run)",
                         marker["shard"], marker["rows"], marker["errors"], done, total)
-    if writer.pending:
+    if writer.pending:  # failed shards are not pending: they were dropped when they failed
         raise RuntimeError(f"the pipeline ended with shards still incomplete: {sorted(writer.pending)}")
 
 
@@ -227,6 +263,7 @@ def _write_manifest(plan: TokenizePlan, layout: CorpusLayout, run_id: str, summa
         "run_id": run_id, "kind": "tokenize", "config": plan.resolved_config, "versions": package_versions(),
         "bundle": info,
         "this_run": {"shards_committed": summary.shards_committed, "shards_skipped": summary.shards_skipped,
+                     "shards_failed": summary.shards_failed, "storage_retries": summary.storage_retries,
                      "images": summary.images, "errors": summary.errors, "seconds": round(summary.seconds, 3),
                      "images_per_second": round(summary.images_per_second, 3)},
         "corpus": {"shards": len(markers), "rows": sum(m["rows"] for m in markers.values()),

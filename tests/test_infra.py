@@ -23,14 +23,17 @@ import yaml
 from jobs.cli import build_parser
 from jobs.cli import main as cli
 from jobs.job_kinds import KINDS, read_job_file
-from jobs.manifests import CONFIG_DIR, ManifestsConfig, job_server_address, render, stale_files
+from jobs.manifests import (
+    CONFIG_DIR, ManifestsConfig, Schedule, autoscaler_account, job_server_address, render, schedule_period_s,
+    scheduled_deadline, stale_files, worker_account,
+)
 from pipelines.configuration import ConfigError, load_config
 
 pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ROOT / "infra" / "k8s" / "manifests.yaml"
-CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"
+CRD_DIR = ROOT / "infra" / "kuberay-crds"  # vendored KubeRay v1.7.0 CRDs (see its README.md)
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayCronJob": "ray.io_raycronjobs.yaml"}
 K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests target (CronJob.timeZone is GA since 1.27)
@@ -234,6 +237,68 @@ def test_retries_resume_and_schedules_do_not_overlap():
     schedules = {d["metadata"]["name"]: d["spec"]["schedule"] for d in by_kind("RayCronJob")}
     assert schedules == {d["metadata"]["name"]: d["spec"]["schedule"] for d in by_kind("CronJob")}
     assert {"dualtok-nightly-tokenize", "dualtok-nightly-audit"} <= set(schedules)
+    # every scheduled run is stopped before the next firing: a daily job gets 21 h, not 24
+    deadlines = [(d["spec"]["schedule"], d["spec"]["jobTemplate"]["activeDeadlineSeconds"])
+                 for d in by_kind("RayCronJob")]
+    deadlines += [(d["spec"]["schedule"], d["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"])
+                  for d in by_kind("CronJob")]
+    assert len(deadlines) == 2 * len(schedules) and all(0 < s < schedule_period_s(c) for c, s in deadlines)
+    assert {s for c, s in deadlines if c == "0 2 * * *"} == {21 * 3600}
+    # KubeRay's RayCronJob has no concurrency policy to set (the tokenize lease guards its output)
+    crd = yaml.safe_load((CRD_DIR / CRD_FILES["RayCronJob"]).read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    assert set(version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]) == {
+        "jobTemplate", "schedule", "suspend", "timeZone"}
+
+
+@pytest.mark.parametrize(("cron", "period"), [
+    ("0 2 * * *", 86400), ("*/15 * * * *", 900), ("0 2,14 * * 1-5", 12 * 3600), ("30 6 * * 0", 7 * 86400),
+    ("0 23 * * 6,0", 86400),
+])
+def test_schedule_periods_and_deadlines_below_them(cron, period):
+    assert schedule_period_s(cron) == period
+    job = read_job_file(ROOT / "infra" / "jobs" / "tokenize.yaml")
+    assert scheduled_deadline(Schedule(job="tokenize", schedule=cron), job) == min(24 * 3600, period - period // 8)
+    with pytest.raises(ConfigError, match="shorter than the schedule's period"):
+        scheduled_deadline(Schedule(job="tokenize", schedule=cron, deadline_s=period), job)
+    with pytest.raises(ConfigError, match="daily or weekly"):
+        schedule_period_s("0 2 1 * *")
+
+
+def test_no_pod_running_job_code_holds_a_kubernetes_api_token():
+    """Workers, the head's Ray container and the CronJob pods run under an account without API
+    rights or a mounted token; the autoscaler's account (KubeRay binds its Role to the head pod's
+    account) has its token projected into the autoscaler sidecar alone."""
+    cfg = settings()
+    accounts = {d["metadata"]["name"]: d for d in by_kind("ServiceAccount")}
+    assert set(accounts) == {worker_account(cfg), autoscaler_account(cfg)} and worker_account(cfg) != cfg.name
+    assert all(a["automountServiceAccountToken"] is False for a in accounts.values())
+    assert not [d for d in documents().values() if d["kind"] in ("Role", "RoleBinding", "ClusterRoleBinding")]
+    clusters = ([d["spec"] for d in by_kind("RayCluster")] + [d["spec"]["rayClusterSpec"] for d in by_kind("RayJob")]
+                + [d["spec"]["jobTemplate"]["rayClusterSpec"] for d in by_kind("RayCronJob")])
+    for cluster in clusters:
+        head = cluster["headGroupSpec"]["template"]["spec"]
+        assert head["serviceAccountName"] == autoscaler_account(cfg) and head["automountServiceAccountToken"] is False
+        (token,) = [v for v in head["volumes"] if v["name"] == "autoscaler-token"]
+        assert token["projected"]["sources"][0]["serviceAccountToken"]["path"] == "token"
+        assert cluster["autoscalerOptions"]["volumeMounts"] == [{
+            "name": "autoscaler-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": True}]
+        assert all(m["name"] != "autoscaler-token" for c in head["containers"] for m in c["volumeMounts"])
+        for group in cluster.get("workerGroupSpecs", []):
+            pod = group["template"]["spec"]
+            assert pod["serviceAccountName"] == worker_account(cfg) and pod["automountServiceAccountToken"] is False
+            assert all(v["name"] != "autoscaler-token" for v in pod["volumes"])
+    for cronjob in by_kind("CronJob"):
+        pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == worker_account(cfg) and pod["automountServiceAccountToken"] is False
+
+
+def test_the_nightly_tokenize_job_names_the_root_its_shard_ids_are_relative_to(tmp_path):
+    from jobs.tokenize import TokenizeConfig
+
+    config = load_config(TokenizeConfig, _config_file(f"{CONFIG_DIR}/tokenize.yaml", tmp_path))
+    assert config.input_root == "s3://dualtok-data/shards/"
+    assert config.inputs and all(i.startswith(config.input_root) for i in config.inputs)
 
 
 def test_long_lived_cluster_has_a_worker_group_big_enough_for_every_kind():

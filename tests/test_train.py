@@ -338,6 +338,28 @@ def test_guide_from_movq_weights_trains_and_exports_with_the_other_parts_unchang
     assert exported.info.sources["guide"] == "trained: stage guide, test"
 
 
+# ---- weights load from safetensors only -------------------------------------------------------------
+@pytest.mark.parametrize(("part", "weights", "pickle_name"), [
+    ("guide", "guide/diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    ("diffusion", "diffusion/text_encoder/model.safetensors", "pytorch_model.bin"),
+    ("diffusion", "diffusion/unet/diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+])
+def test_a_bundle_part_holding_only_pickle_weights_is_refused_with_how_to_convert(part, weights, pickle_name,
+                                                                                  tmp_path):
+    from safetensors.torch import load_file
+
+    bundle = tmp_path / "bundle"
+    DualTokenizer.from_preset("tiny", parts=(part,)).save_pretrained(bundle)
+    assert DualTokenizer.from_pretrained(bundle, parts=(part,)).part(part) is not None  # loads as saved
+    safe = bundle / weights
+    torch.save(load_file(str(safe)), safe.with_name(pickle_name))  # the same tensors, as a pickle
+    safe.unlink()
+    with pytest.raises(BundleError, match=rf"only pickle weights \({pickle_name}\).*safetensors only.*"
+                                          r"save_pretrained\(folder, safe_serialization=True\)") as err:
+        DualTokenizer.from_pretrained(bundle, parts=(part,))
+    assert str(safe.parent) in str(err.value)
+
+
 # ---- plan checks (no Ray) --------------------------------------------------------------------------
 def test_plan_refuses_a_text_tokenizer_bigger_than_the_qformer_vocab_and_missing_assets(tmp_path, local_shards):
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -515,3 +537,77 @@ def test_killed_workers_resume_from_checkpoints_and_a_rerun_continues_the_step_c
         f"steps {steps}, from {DualTokenizer.from_preset('tiny').fingerprint}"
     )
     assert train(config).already_finished
+
+
+def files_holding(root: Path, needles: list[str]) -> list[str]:
+    """Every file under `root` whose bytes contain one of `needles`."""
+    found = []
+    for path in (p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        found += [f"{path}: {n}" for n in needles if n.encode() in data]
+    return found
+
+
+@pytest.mark.slow  # two 1-worker Ray Train runs on 2 cores: ~2 min
+def test_a_rerun_with_another_config_stops_or_starts_a_new_run_and_no_credential_reaches_the_run(
+    ray_session, s3, tmp_path, capsys, caplog, monkeypatch
+):
+    """Run 1 (inputs on loopback S3 with storage.key/secret set) dies after its first checkpoint.
+    A rerun with another lr stops before training, naming lr; with on_config_change=new_run it
+    trains a new run, and the old one stays as it was. No file the runs wrote (the local
+    storage_path, the exported bundle, Ray's session logs) nor the job's output holds the credentials."""
+    import ray
+    import ray.train
+
+    key, secret = "AKIAZ7DUALTOKTESTKEY", f"dualtok-secret-{os.getpid()}-xq7"  # moto accepts any credentials
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Ray Train then stores each run's state
+    bucket = s3.new_bucket()
+    write_sample_shards(f"s3://{bucket}/shards", count=8, per_shard=8, seed=4, storage_options=s3.storage_options)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    base = [*two_worker_overrides(f"s3://{bucket}/shards/", "tiny", str(out), str(runs), steps=4, every=2),
+            "num_workers=1", "max_failures=0", "name=changes", f"storage.endpoint_url={s3.url}",
+            f"storage.key={key}", f"storage.secret={secret}"]
+    with pytest.raises(ray.train.TrainingFailedError):
+        train(load_config(STAGE_CONFIGS["codebook"], None, base), callbacks=[KillWorkerAtCheckpoints()])
+    old = RunLayout(str(runs), "changes")
+    assert old.has_checkpoints() and old.finished() is None and old.record()["identity"]["lr"] == 0.001
+    snapshot = sorted(str(p) for p in (runs / "changes").rglob("*"))
+
+    changed = [*base, "lr=0.002", "steps=6"]
+    with pytest.raises(DualtokError, match=r"run changes .*lr: 0\.001 -> 0\.002; steps: 4 -> 6\. Rerun .*new_run"):
+        train(load_config(STAGE_CONFIGS["codebook"], None, changed))
+    resumable = [*base, "num_workers=2", "batch_size=1", "grad_accumulation=1", "checkpoint_every=3"]
+    assert train_plan_name(resumable) == "changes"  # same global batch (2), other policies: the same run
+    with pytest.raises(DualtokError, match="global_batch: 2 -> 4"):
+        train_plan_name([*base, "grad_accumulation=2"])
+
+    assert cli(["train", "codebook", *changed, "on_config_change=new_run"]) == 0
+    (new_run,) = [p.name for p in runs.iterdir() if p.name != "changes"]
+    assert new_run.startswith("changes-") and f"run {new_run} finished 6 steps" in capsys.readouterr().out
+    record = RunLayout(str(runs), new_run).record()
+    assert record["replaces"] == "changes" and record["identity"]["lr"] == 0.002
+    assert record["config"]["storage"]["secret"] == "***"
+    assert [r[S.TRAIN_STEP] for r in RunLayout(str(runs), new_run).read_metrics()] == [1, 2, 3, 4, 5, 6]
+    provenance = DualTokenizer.from_pretrained(out).info.sources["semantic"]
+    assert provenance.startswith(f"trained: stage codebook, run {new_run}")
+    assert sorted(str(p) for p in (runs / "changes").rglob("*")) == snapshot and old.finished() is None
+    assert train_plan_name([*changed, "on_config_change=new_run"]) == new_run  # a rerun resumes the new run
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path())
+    assert files_holding(tmp_path, [key, secret]) == [] and files_holding(logs, [key, secret]) == []
+    # Ray Train's stored run state (its state actor, which the dashboard and export events serve)
+    # keeps str() of train_loop_config: the plan is there, its credentials masked (both runs).
+    from ray.train.v2._internal.state.state_actor import get_state_actor
+
+    states = ray.get(get_state_actor().get_train_runs.remote()).values()
+    stored = json.dumps([run.model_dump() for run in states if run.name in ("changes", new_run)], default=str)
+    assert stored.count("WorkerPlan(") == 2 and "'secret': ***" in stored
+    assert key not in stored and secret not in stored
+    captured = capsys.readouterr()
+    assert all(key not in text and secret not in text for text in (captured.out, captured.err, caplog.text))
+
+
+def train_plan_name(overrides: list[str]) -> str:
+    from jobs.train_plan import plan_training
+
+    return plan_training(load_config(STAGE_CONFIGS["codebook"], None, overrides)).layout.name
