@@ -6,13 +6,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from jobs.job_checks import EXIT_TOO_MANY_ERRORS, check_bundle, check_output, too_many_errors
 from jobs.job_config import RayConfig, StorageConfig, add_config_arguments, config_from_args, init_ray
 from pipelines.audit import BASE_VARIANTS, ReportSettings
+from pipelines.audit_index import parse_thresholds
 from pipelines.configuration import ConfigError, to_dict
 from pipelines.perceptual import PerceptualWeights
+from pipelines.progress import quiet_ray_data
 from pipelines.stages import StageResources
 
 logger = logging.getLogger(__name__)
@@ -46,6 +50,10 @@ class AuditConfig:
     corpus_stats: bool = True  # include the corpus statistics section in the report
     stats_only: bool = False  # statistics only, no reconstruction (as `dualtok stats`)
     max_slices: int | None = None  # audit at most this many pending slices this run
+    max_error_fraction: float = 0.5  # exit 4 when more of the sampled images than this could not be audited; 1.0: never
+    # {"dual.psnr": 18.0, "dual.lpips": 0.4}: exit 4 when a variant's mean is below it (above for lpips)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    run_index: bool = False  # also rewrite <output's parent>/index.html: each metric over the audit folders there
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
 
@@ -60,6 +68,9 @@ class AuditConfig:
         if unknown or not self.variants:
             raise ValueError(f"variants must be a non-empty list of {', '.join(BASE_VARIANTS)}; got {self.variants} "
                              "(guide resolutions come from guide_bundles)")
+        parse_thresholds(self.thresholds)  # a key that names no variant metric fails here, before any work
+        if not 0.0 <= self.max_error_fraction <= 1.0:
+            raise ValueError(f"max_error_fraction must be in [0, 1] (1.0: no limit), got {self.max_error_fraction}")
         if self.size < 8 or self.steps < 1 or self.slice_size < 1:
             raise ValueError(f"size ({self.size}), steps ({self.steps}) and slice_size ({self.slice_size}) are too small")
 
@@ -106,7 +117,23 @@ def plan_from_config(config: AuditConfig) -> Any:
     )
 
 
-def print_summary(summary: Any) -> None:
+def summary_record(summary: Any, exit_code: int, crossed: list[str]) -> dict[str, Any]:
+    """The run as one JSON object (`--json`): counts, each variant's mean metrics, thresholds crossed."""
+    variants = {v["name"]: {"images": v["images"], "images_per_second": v["images_per_second"],
+                            **{m: stats.get("mean") for m, stats in v["metrics"].items()}} for v in summary.variants}
+    return {"job": "audit", "exit_code": exit_code, "output": summary.output, "report": summary.report,
+            "slices": {"total": summary.slices_total, "committed": summary.slices_committed,
+                       "skipped": summary.slices_skipped},
+            "images": summary.images, "errors": summary.errors, "errors_by_reason": dict(summary.errors_by_reason),
+            "seconds": round(summary.seconds, 3), "bundle_fingerprint": summary.bundle_fingerprint,
+            "untrained_parts": list(summary.untrained_parts), "variants": variants, "thresholds_crossed": crossed}
+
+
+def print_summary(summary: Any, exit_code: int = 0, crossed: list[str] | None = None, as_json: bool = False) -> None:
+    """The run's summary on stdout: a table for people, or with `as_json` one JSON object only."""
+    if as_json:
+        print(json.dumps(summary_record(summary, exit_code, crossed or []), sort_keys=True, default=str))
+        return
     print(f"audit: {summary.slices_committed} slices done this run, {summary.slices_skipped} already done "
           f"(of {summary.slices_total}); {summary.images} images audited, {summary.errors} errors, "
           f"{summary.seconds:.1f} s")
@@ -127,13 +154,32 @@ def _mean(stats: dict[str, Any], digits: int) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
+    add_config_arguments(parser, AuditConfig)
     parser.add_argument("--stats-only", action="store_true",
                         help="corpus statistics only, no reconstruction (same as stats_only=true)")
 
 
+def check_paths(config: AuditConfig) -> None:
+    """Before Ray starts: the corpus is a token corpus, the bundle (when given) is a bundle or a
+    preset, the output can be created."""
+    from pipelines.storage import filesystem, join
+
+    options = config.storage.storage_options()
+    fs, path = filesystem(join(config.corpus, "manifest.json"), options or None)
+    if not fs.exists(path):
+        there = fs.exists(fs._parent(path))
+        raise ConfigError(f"corpus {config.corpus} " + ("is not a token corpus: missing manifest.json" if there
+                                                        else "does not exist"))
+    if config.bundle:
+        check_bundle(config.bundle, options)
+    check_output(config.output, options)
+
+
 def run(args: argparse.Namespace) -> int:
+    """Exit codes: 0 done; 2 a config or input error (checked before Ray starts); 4 more than
+    `max_error_fraction` of the sampled images could not be audited (the audit is still written)."""
     config = config_from_args(AuditConfig, args)
+    check_paths(config)
     if args.stats_only or config.stats_only:
         from jobs.stats import print_statistics, write_statistics
 
@@ -144,5 +190,26 @@ def run(args: argparse.Namespace) -> int:
 
     plan = plan_from_config(config)
     init_ray(config.ray)
-    print_summary(run_audit(plan))
-    return 0
+    quiet_ray_data(getattr(args, "verbose", 0))  # before the dataset is built: it copies the context
+    summary = run_audit(plan)
+    crossed = _after_audit(config, summary)
+    too_many = summary.error_fraction > config.max_error_fraction
+    code = EXIT_TOO_MANY_ERRORS if too_many or crossed else 0
+    print_summary(summary, code, crossed, as_json=getattr(args, "json", False))
+    for line in crossed:
+        print(f"dualtok audit: threshold crossed: {line}", file=sys.stderr)
+    if too_many:
+        message = too_many_errors(summary.errors, summary.images + summary.errors, summary.errors_by_reason,
+                                  config.max_error_fraction)
+        print(f"dualtok audit: error: {message}", file=sys.stderr)
+    return code
+
+
+def _after_audit(config: AuditConfig, summary: Any) -> list[str]:
+    """The nightly part: rewrite the cross-run index when asked; the thresholds this run crosses."""
+    from pipelines.audit_index import crossed_thresholds, write_index
+
+    thresholds = parse_thresholds(config.thresholds)
+    if config.run_index:
+        write_index(config.output, thresholds, config.storage.storage_options() or None)
+    return crossed_thresholds(summary.variants, thresholds)

@@ -119,6 +119,17 @@ def _listening(port: int) -> bool:
         return False
 
 
+def require_s3_server() -> None:
+    """moto's S3 server (and the Flask it runs on) is the `stack` extra, not the plain install: say how
+    to get it before anything starts, instead of a subprocess that dies with an ImportError in a log."""
+    import importlib.util
+
+    missing = [name for name in ("moto", "flask") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise StackError(f"`dualtok stack up` runs moto's S3 server, which is not installed ({', '.join(missing)} "
+                         "missing): pip install 'dualtok[stack]'  (or: pip install 'moto[server]>=5')")
+
+
 def start_s3(state: StackState, buckets: list[str]) -> None:
     import boto3
 
@@ -172,6 +183,7 @@ def _http_ok(url: str, headers: dict[str, str]) -> bool:
 def up(directory: str | Path, buckets: list[str], num_cpus: int = 4, object_store_bytes: int = 1 << 30,
        timeout: float = 180.0) -> StackState:
     """Start the stack (moto S3 + a Ray head with its job server) and record it under `directory`."""
+    require_s3_server()
     path = Path(directory).resolve()
     path.mkdir(parents=True, exist_ok=True)
     if (path / STATE_FILE).exists():

@@ -402,7 +402,7 @@ def write(rendered: dict[str, str], output: str | Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
+    add_config_arguments(parser, ManifestsConfig)
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the files are out of date")
 
 

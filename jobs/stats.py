@@ -53,7 +53,8 @@ def write_statistics(corpus: str, output: str, storage_options: dict[str, Any],
 
 
 def print_statistics(stats: dict[str, Any], output: str) -> None:
-    print(f"corpus:  {stats['corpus']}  ({stats['shards']} shards, bundle {stats['bundle_fingerprint']})")
+    print(f"corpus:  {stats['corpus']}  ({stats['shards']} shards, fingerprint {stats['corpus_fingerprint']}, "
+          f"bundle {stats['bundle_fingerprint']})")
     print(f"rows:    {stats['rows']} of {stats['samples']} samples; {stats['errors']} errors")
     for reason, count in stats["by_reason"].items():
         print(f"           {count:>8}  {reason}")
@@ -68,7 +69,7 @@ def print_statistics(stats: dict[str, Any], output: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
+    add_config_arguments(parser, StatsConfig)
 
 
 def run(args: argparse.Namespace) -> int:

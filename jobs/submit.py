@@ -104,7 +104,14 @@ def job_client(address: str | None) -> Any:
     from ray.job_submission import JobSubmissionClient
 
     _check_address(address)
-    return JobSubmissionClient(address, headers=auth_headers())
+    headers = auth_headers()
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except ConnectionError as err:  # Ray's message, and a 27-line traceback without this
+        shown = address or next((os.environ[n] for n in _ADDRESS_ENV if os.environ.get(n)), "the default address")
+        reason = " ".join(str(err).split())
+        raise ConfigError(f"cannot reach the Ray job server at {shown}: {reason} (pass --address http://HEAD:8265, "
+                          "or start one with `dualtok stack up`)") from err
 
 
 def submit_or_attach(client: Any, plan: Submission) -> bool:

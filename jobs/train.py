@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from dualtok_core.errors import BundleError, DualtokError
+from jobs.job_checks import BUNDLE_REQUIRED
 from jobs.job_config import RayConfig, StorageConfig, add_config_arguments, config_from_args, init_ray
 from pipelines import schemas as S
 from pipelines.configuration import to_dict
@@ -40,7 +41,7 @@ class TrainConfig:
     STAGE: ClassVar[str] = ""
 
     inputs: list[str] = field(default_factory=list)  # WebDataset shards: prefixes, globs, {a..b}, @list files
-    bundle: str = "small"  # the input bundle: a path/URI, or a preset name (random weights)
+    bundle: str = ""  # required: the input bundle, a path/URI, or a preset name (tiny, small, paper: random weights)
     output: str = ""  # where the trained bundle is written (path or URI)
     storage_path: str = ""  # where runs keep checkpoints and metrics (path or URI)
     name: str = ""  # run name; default: derived from the stage and output, so a rerun resumes
@@ -73,6 +74,8 @@ class TrainConfig:
     ray: RayConfig = RayConfig()
 
     def __post_init__(self) -> None:
+        if not self.bundle:
+            raise ValueError(BUNDLE_REQUIRED)
         for key in ("inputs", "output", "storage_path"):
             if not getattr(self, key):
                 raise ValueError(f"{key} is empty: the {self.STAGE} stage needs inputs, output and storage_path")
@@ -182,10 +185,18 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainSumma
     finished = plan.layout.finished()
     if finished is not None:
         return _already_finished(plan, finished, started)
-    init_ray(config.ray)
+    init_ray(config.ray, min_cpus=training_cpus(config))
     plan.write_run_record()
     result = fit(plan, plan.dataset(), callbacks)
     return finish(plan, result, started)
+
+
+def training_cpus(config: TrainConfig) -> float:
+    """Logical CPUs a run needs: every worker's, plus `read_cpus` for Ray Data's read tasks. Without
+    the latter a local cluster of exactly the workers' CPUs (num_workers=2 on a 2-core laptop) holds
+    them all and the read tasks wait forever."""
+    per_worker = dict(config.resources_per_worker).get("CPU", 1.0)
+    return config.num_workers * per_worker + config.read_cpus
 
 
 def fit(plan: Any, dataset: Any, callbacks: list[Any] | None = None) -> Any:
@@ -266,15 +277,17 @@ def print_summary(summary: TrainSummary) -> None:
         print(f"train {summary.stage}: run {summary.run} already finished ({summary.steps} steps); nothing to do")
     else:
         speed = f", {summary.images_per_second:.1f} images/s" if summary.images_per_second else ""
+        loss = f"; loss {summary.first_loss:.4g} -> {summary.last_loss:.4g}" if summary.last_loss is not None else ""
         print(f"train {summary.stage}: run {summary.run} finished {summary.steps} steps in {summary.seconds:.0f} s"
-              f"{speed}; loss {summary.first_loss:.4g} -> {summary.last_loss:.4g}")
+              f"{speed}{loss}")
     print(f"bundle:  {summary.output}  (fingerprint {summary.fingerprint}, from {summary.input_fingerprint})")
     print(f"run:     {summary.run_dir}  (checkpoints, metrics.jsonl)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("stage", choices=list(STAGE_CONFIGS), help="the stage to train (paper sec. 3.1-3.2)")
-    add_config_arguments(parser)
+    add_config_arguments(parser, TrainConfig, variants=STAGE_CONFIGS)
+    parser.set_defaults(_config_type=lambda args: STAGE_CONFIGS[args.stage])  # --print-config
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,12 +11,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from dualtok_core.bundle import BUNDLE_SCHEMA_VERSION, BundleInfo
 from dualtok_core.errors import BundleError, DualtokError
-from dualtok_core.presets import get_preset
+from dualtok_core.presets import get_preset, preset_names
 from dualtok_core.training import LRSchedule
 from dualtok_core.training_stages import stage_class
 from jobs.train import TrainConfig, default_run_name, resolved_config, run_identity
@@ -60,10 +61,17 @@ class TrainPlan:
         commit_bytes(fs, fs._strip_protocol(self.layout.path(RUN_FILE)), body)
 
 
+def _absolute(uri: str) -> str:
+    """A local path as an absolute one: Ray's workers run in another folder than the driver, and a
+    relative `storage_path=runs` or `bundle=bundles/guide` there names another place."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def plan_training(config: TrainConfig) -> TrainPlan:
     stage = stage_class(config.STAGE)
     options = config.storage.storage_options()
-    source = BundleSource(config.bundle, seed=config.seed, storage_options=options)
+    spec = config.bundle if config.bundle in preset_names() else _absolute(config.bundle)
+    source = BundleSource(spec, seed=config.seed, storage_options=options)
     parts = available_parts(source)
     needed = (stage.part, "diffusion") if config.STAGE == "reverse" else (stage.part,)
     missing = [p for p in needed if p not in parts]
@@ -74,7 +82,8 @@ def plan_training(config: TrainConfig) -> TrainPlan:
                                                            if p in info.part_hashes})
     part_config = _part_config(source, stage.part)
     identity = run_identity(config, info.fingerprint, source.expected_hashes)
-    requested = RunLayout(config.storage_path, config.name or default_run_name(config.STAGE, config.output), options)
+    name = config.name or default_run_name(config.STAGE, config.output)
+    requested = RunLayout(_absolute(config.storage_path), name, options)
     layout = resolve_run(config, requested, identity)
     text_tokenizer = _text_tokenizer(config, source, part_config)
     _check_movq(getattr(config, "init_from_movq", None), options)

@@ -104,6 +104,13 @@ class AuditRunSummary:
     bundle_fingerprint: str
     variants: list[dict[str, Any]]
     untrained_parts: list[str]
+    errors_by_reason: dict[str, int] = field(default_factory=dict)  # the output's error rows by reason
+
+    @property
+    def error_fraction(self) -> float:
+        """Error rows per sampled image in the output: what the job's `max_error_fraction` gate compares."""
+        total = self.images + self.errors
+        return self.errors / total if total else 0.0
 
 
 @dataclass(frozen=True)
@@ -167,10 +174,11 @@ def _source_uris(plan: AuditPlan, markers: dict[str, dict[str, Any]]) -> dict[st
     if not plan.sources:
         return {sid: m.get("shard_uri", "") for sid, m in markers.items()}
     uris = list_shards(list(plan.sources), plan.storage_options or None)
-    # ids are paths under the root the corpus recorded (date folders: 2026-12-01__00000), not under
-    # whatever root the given sources share; a source outside it is no shard of this corpus
-    root = read_input_root(plan.corpus, plan.storage_options or None) or common_root(uris)
-    given = {shard_id(uri, root): uri for uri in uris if uri.startswith(root)}
+    # ids are paths under the corpus's recorded input root (date folders: 2026-12-01__00000); sources
+    # somewhere else are the shards moved: their ids are paths under the root they share
+    recorded = read_input_root(plan.corpus, plan.storage_options or None)
+    root = recorded if recorded and all(uri.startswith(recorded) for uri in uris) else common_root(uris)
+    given = {shard_id(uri, root): uri for uri in uris}
     return {sid: given.get(sid, "") for sid in markers}
 
 

@@ -26,6 +26,7 @@ from pipelines.audit import (
     AuditSetup,
 )
 from pipelines.audit_summary import ablation_points, ranked, shard_summaries, variant_summaries
+from pipelines.corpus_stats import corpus_fingerprint
 from pipelines.report import render_audit_report
 from pipelines.storage import join
 from pipelines.tokenize import package_versions
@@ -66,7 +67,8 @@ def build_summary(plan: AuditPlan, audit: AuditSetup, sample: pa.Table, table: p
     return {
         "kind": "audit", "schema_version": S.AUDIT_SCHEMA_VERSION, "fingerprint": audit.fingerprint,
         "run_id": run_id, "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "corpus": plan.corpus, "output": plan.output, "bundle": audit.bundle,
+        "corpus": plan.corpus, "corpus_fingerprint": corpus_fingerprint(audit.markers), "output": plan.output,
+        "bundle": audit.bundle,
         "settings": {"sample": _sample_text(plan), "slice_size": plan.slice_size, **vars(plan.render),
                      "variants": ", ".join(names)},
         "report": vars(report), "config": plan.resolved_config, "versions": package_versions(),
@@ -110,6 +112,7 @@ def finish_audit(plan: AuditPlan, audit: AuditSetup, layout: AuditLayout, sample
         slices_committed=slices_committed, images=summary["counts"]["audited"], errors=errors.num_rows,
         seconds=time.monotonic() - started, bundle_fingerprint=audit.bundle["fingerprint"],
         variants=summary["variants"], untrained_parts=audit.bundle["untrained_parts"],
+        errors_by_reason=summary["errors_by_reason"],
     )
 
 

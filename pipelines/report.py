@@ -40,7 +40,7 @@ def render_audit_report(summary: dict[str, Any], table: pa.Table, errors: pa.Tab
     body.append(_provenance(summary))
     nav.append(("settings", "Settings"))
     counts = summary["counts"]
-    subtitle = (f"corpus {_mono(summary['corpus'])} &middot; "
+    subtitle = (f"corpus {_mono(summary['corpus'])} (fingerprint {_mono(summary.get('corpus_fingerprint'))}) &middot; "
                 f"{counts['audited']} images audited of {counts['sampled']} sampled, {counts['errors']} errors &middot; "
                 f"{len(variants)} variants &middot; bundle {_mono(summary['bundle']['fingerprint'])}"
                 f" &middot; generated {H.text(summary['generated_at'])}")
@@ -186,6 +186,11 @@ def _errors(summary: dict[str, Any], errors: pa.Table) -> str:
     return H.section("errors", "Errors", body, intro)
 
 
+def _percent(fraction: float | None) -> str:
+    """A fraction shown as the CLI shows it (`11.7%`): one unit for one number everywhere."""
+    return "&ndash;" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def _mono(value: object) -> str:
     return f'<span class="mono">{H.text(value)}</span>'
 
@@ -200,7 +205,8 @@ def _provenance(summary: dict[str, Any]) -> str:
     rows += [[f"extra guide {H.text(n)}", f"{H.text(g['spec'])} ({g['guide_size']} px, {g['guide_tokens']} tokens)"]
              for n, g in sorted(b.get("extra_guides", {}).items())]
     rows += [[H.text(k), H.text(v)] for k, v in summary["settings"].items()]
-    rows += [["run", H.text(summary["run_id"])], ["audit fingerprint", H.text(summary["fingerprint"])]]
+    rows += [["run", H.text(summary["run_id"])], ["audit fingerprint", _mono(summary["fingerprint"])],
+             ["corpus fingerprint", _mono(summary.get("corpus_fingerprint"))]]
     body = H.table(["", ""], rows, left=2, table_id="settings-table")
     body += H.details("resolved config", json.dumps(summary.get("config", {}), indent=2, sort_keys=True))
     body += H.details("package versions", json.dumps(summary.get("versions", {}), indent=2, sort_keys=True))
@@ -210,7 +216,7 @@ def _provenance(summary: dict[str, Any]) -> str:
 # ---- corpus statistics ----------------------------------------------------------------------
 def stats_section(stats: dict[str, Any]) -> str:
     overview = [["shards", str(stats["shards"])], ["samples read", str(stats["samples"])], ["rows", str(stats["rows"])],
-                ["errors", str(stats["errors"])], ["caption coverage", H.number(stats["caption_coverage"], 3)]]
+                ["errors", str(stats["errors"])], ["caption coverage", _percent(stats["caption_coverage"])]]
     overview += [[f"image {k} (min / mean / max)", f"{v['min']} / {H.number(v['mean'], 1)} / {v['max']}"]
                  for k, v in stats["image_sizes"].items()]
     body = "<h3>Overview</h3>" + H.table(["", ""], overview, left=2, table_id="stats-overview")
@@ -218,7 +224,7 @@ def stats_section(stats: dict[str, Any]) -> str:
         body += "<h3>Errors by reason</h3>" + H.table(["Reason", "rows"], [[H.text(k), str(v)] for k, v in stats["by_reason"].items()])
     rows, plots = [], []
     for name, s in stats["streams"].items():
-        codes = [str(s["vocab"]), str(s["codes_used"]), H.number(s["usage"], 4), H.number(s["perplexity"], 1),
+        codes = [str(s["vocab"]), str(s["codes_used"]), _percent(s["usage"]), H.number(s["perplexity"], 1),
                  str(s["dead_codes"])] if "vocab" in s else ["&ndash;"] * 5
         rows.append([H.text(name), *codes, str(s["sequences"]), str(s["unique_sequences"]), str(s["duplicate_rows"]),
                      str(s["duplicate_groups"])])
@@ -238,7 +244,7 @@ def stats_section(stats: dict[str, Any]) -> str:
 
 
 def render_stats_report(stats: dict[str, Any], generated_at: str) -> str:
-    subtitle = (f"corpus {_mono(stats['corpus'])} &middot; bundle {_mono(stats.get('bundle_fingerprint'))} "
+    subtitle = (f"corpus {_mono(stats['corpus'])} (fingerprint {_mono(stats.get('corpus_fingerprint'))}) &middot; bundle {_mono(stats.get('bundle_fingerprint'))} "
                 f"&middot; generated {escape(generated_at)}")
     warn = ""
     if stats.get("untrained_parts"):

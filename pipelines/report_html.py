@@ -26,8 +26,9 @@ td small { color: #666; } tr:nth-child(even) td { background: #fafbfc; }
 .plots { display: flex; flex-wrap: wrap; gap: 12px; }
 .grid { display: flex; flex-direction: column; gap: 10px; }
 .imgrow { display: flex; gap: 6px; align-items: flex-start; flex-wrap: wrap; }
-.imgrow .who { width: 130px; font-size: 0.8rem; color: #444; word-break: break-all; }
+.imgrow .who { width: 130px; font-size: 0.8rem; color: #444; overflow-wrap: break-word; }
 figure { margin: 0; text-align: center; font-size: 0.75rem; color: #333; width: 128px; }
+figcaption { overflow-wrap: break-word; }
 figure img { width: 128px; height: 128px; object-fit: contain; background: #eee; display: block; }
 figure img.guide { image-rendering: pixelated; }
 details pre { max-height: 420px; overflow: auto; background: #f6f8fa; padding: 8px; font-size: 0.8rem; }
@@ -83,9 +84,12 @@ def interval(stats: dict[str, Any] | None, digits: int = 3) -> str:
 
 
 def figure(src: str, caption: str, guide: bool = False) -> str:
+    """A 128 px thumbnail that links its full-size image; `caption` is HTML already. Captions and labels
+    wrap at word boundaries (`overflow-wrap: break-word` breaks inside a word only when one word is
+    wider than the column, as a long shard path is)."""
     cls = ' class="guide"' if guide else ""
-    return (f'<figure><img src="{escape(src)}" alt="{escape(caption)}"{cls} width="128" height="128">'
-            f"<figcaption>{caption}</figcaption></figure>")
+    return (f'<figure><a href="{escape(src)}" target="_blank"><img src="{escape(src)}" alt="{escape(caption)}"'
+            f'{cls} width="128" height="128"></a><figcaption>{caption}</figcaption></figure>')
 
 
 def image_row(label: str, figures: list[str]) -> str:

@@ -145,13 +145,24 @@ def _expand_one(pattern: str, storage_options: dict[str, Any] | None) -> list[Sh
         if path.endswith(SHARD_SUFFIXES):
             return [_named_shard(fs, path, pattern)]
         if fs.isdir(path):
-            return _shard_objects(fs, fs.find(path, detail=True))
+            return _folder_shards(fs, path, pattern)
+        exists = fs.exists(path)
     except InputListingError:
         raise
     except STORE_ERRORS as err:
         raise StorageFault(f"listing input {pattern} failed: {_describe(err)}") from err
-    raise InputListingError(f"input {pattern} is neither a shard ({', '.join(SHARD_SUFFIXES)}), a folder/prefix, "
-                            "nor a glob")
+    if not exists:
+        raise InputListingError(f"input {pattern} does not exist")
+    raise InputListingError(f"input {pattern} is a file but not a shard ({', '.join(SHARD_SUFFIXES)}): give shards, "
+                            "a folder/prefix, a glob or an @list file")
+
+
+def _folder_shards(fs: fsspec.AbstractFileSystem, path: str, pattern: str) -> list[ShardObject]:
+    """The shards under a folder/prefix; none is an error (a wrong prefix, not an empty night)."""
+    shards = _shard_objects(fs, fs.find(path, detail=True))
+    if not shards:
+        raise InputListingError(f"no .tar shards under {pattern}")
+    return shards
 
 
 def _named_shard(fs: fsspec.AbstractFileSystem, path: str, pattern: str) -> ShardObject:

@@ -128,21 +128,42 @@ def series_plot(series: dict[str, list[dict[str, float | None]]], categories: li
     return frame.svg(parts, title)
 
 
+def log_ticks(top: float) -> list[tuple[float, str]]:
+    """Ticks at the powers of ten from 10^0 to past 10^top, as (log10 value, label): 1, 10, 100, 1k..."""
+    return [(float(k), _fmt(10.0**k)) for k in range(0, int(math.floor(top)) + 1)]
+
+
 def rank_frequency(counts: np.ndarray, title: str, width: int = 520, height: int = 220) -> str:
-    """Code counts sorted from most to least used, on a log10 scale: how evenly a codebook is used."""
+    """Code counts sorted from most to least used, on log-log axes (log rank, log count): how evenly a
+    codebook is used. A linear rank axis draws 23 used codes of 4096 as a 1-2 px line; on a log axis
+    the used codes take most of the width and a Zipf-like tail reads as a straight line."""
     ordered = np.sort(np.asarray(counts, dtype=np.float64))[::-1]
     used = ordered[ordered > 0]
     top = math.log10(max(float(used[0]) if used.size else 1.0, 1.0))
-    frame = _Frame(width, height, (0.0, float(max(ordered.size - 1, 1))), (0.0, top + 0.2))
-    x_ticks = [(t, _fmt(t + 1)) for t in nice_ticks(0, ordered.size - 1, 5) if t <= ordered.size - 1]
-    parts = frame.axes(title, "code rank (most used first)", "log10(count)", x_ticks, nice_ticks(0, top + 0.2, 4))
+    right = math.log10(max(ordered.size, 2))  # rank 1 at x=0, the last code at log10(size)
+    frame = _Frame(width, height, (0.0, right), (0.0, top + 0.2))
+    parts = frame.axes(title, "code rank, most used first (log scale)", "count (log scale)",
+                       log_ticks(right), [])
+    parts += _log_y_ticks(frame, top + 0.2)
     step = max(1, used.size // 400)  # at most ~400 vertices, whatever the codebook size
-    points = " ".join(f"{frame.x(i):.1f},{frame.y(math.log10(used[i])):.1f}" for i in range(0, used.size, step))
+    points = " ".join(f"{frame.x(math.log10(i + 1)):.1f},{frame.y(math.log10(used[i])):.1f}"
+                      for i in [*range(0, used.size, step), used.size - 1][: used.size])
     if used.size:
-        parts.append(f'<polyline points="{points}" fill="none" stroke="{PALETTE[0]}" stroke-width="2"/>')
+        parts.append(f'<polyline class="rank-line" points="{points}" fill="none" stroke="{PALETTE[0]}" '
+                     f'stroke-width="2"/>')
     if used.size < ordered.size:
-        dead_x = frame.x(used.size)
+        dead_x = frame.x(math.log10(used.size + 1))
         parts.append(f'<line x1="{dead_x:.1f}" y1="{frame.box[1]}" x2="{dead_x:.1f}" y2="{frame.box[3]}" '
                      f'stroke="{PALETTE[1]}" stroke-dasharray="4 3"/><text x="{dead_x + 4:.1f}" y="{frame.box[1] + 12}" '
-                     f'fill="{PALETTE[1]}">{ordered.size - used.size} dead codes</text>')
+                     f'fill="{PALETTE[1]}">{ordered.size - used.size} dead codes from rank {used.size + 1}</text>')
     return frame.svg(parts, title)
+
+
+def _log_y_ticks(frame: _Frame, top: float) -> list[str]:
+    left, _, right, _ = frame.box
+    parts = []
+    for value, label in log_ticks(top):
+        py = frame.y(value)
+        parts.append(f'<line x1="{left}" y1="{py:.1f}" x2="{right}" y2="{py:.1f}" stroke="#eee"/>'
+                     f'<text class="ytick" x="{left - 4}" y="{py + 4:.1f}" text-anchor="end">{label}</text>')
+    return parts

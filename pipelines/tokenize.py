@@ -20,15 +20,19 @@ import logging
 import platform
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from typing import Any, Literal
+
+import numpy as np
 
 from pipelines import schemas as S
 from pipelines.corpus import RUNS_DIR, CorpusLayout, CorpusWriter
 from pipelines.corpus_identity import assign_shard_ids
 from pipelines.decode import DecodeConfig
 from pipelines.lease import Lease, LeaseConfig
+from pipelines.progress import Progress, format_progress
 from pipelines.read_stages import DecodeImages, ReadShards, add_read_stage
 from pipelines.shards import ShardLimits
 from pipelines.stages import BundleSource, EncodeTokens, StageResources, add_actor_stage
@@ -104,26 +108,43 @@ class RunSummary:
     untrained_parts: list[str]
     shards_failed: dict[str, str] = field(default_factory=dict)  # shard -> why; not committed, redone next run
     storage_retries: int = 0  # store retries the shard reads took this run (from the read stage's END rows)
+    samples: int = 0  # samples in the shards committed this run: images + errors
+    errors_by_reason: dict[str, int] = field(default_factory=dict)  # this run's error rows by reason, most first
+
+    @property
+    def error_fraction(self) -> float:
+        """Errors per sample this run: what the job's `max_error_fraction` gate compares."""
+        return self.errors / self.samples if self.samples else 0.0
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def run_tokenize(plan: TokenizePlan) -> RunSummary:
+ProgressCallback = Callable[[Progress], None]
+
+
+def run_tokenize(plan: TokenizePlan, shards: list[ShardObject] | None = None,
+                 progress: ProgressCallback | None = None) -> RunSummary:
     """Tokenize every input shard not yet committed under `plan.output`, holding the output's lease
-    (`pipelines.lease`) from start to end: a second run on the same output fails at once, naming this one."""
+    (`pipelines.lease`) from start to end: a second run on the same output fails at once, naming this one.
+    `shards` is the inputs' listing when the caller already made it (the job lists before Ray starts,
+    to fail fast on a wrong path); None lists them here. `progress` (a terminal's progress line) is
+    called after every batch; without it each committed shard is logged at INFO with the rate and ETA."""
     started = time.monotonic()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    if shards is None:
+        shards = list_shard_objects(plan.inputs, plan.storage_options or None)
     with Lease(plan.output, run_id, plan.lease, plan.storage_options or None) as lease:
-        return _run_held(plan, run_id, lease, started)
+        return _run_held(plan, shards, run_id, lease, started, progress)
 
 
-def _run_held(plan: TokenizePlan, run_id: str, lease: Lease, started: float) -> RunSummary:
+def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease: Lease,
+              started: float, progress: ProgressCallback | None = None) -> RunSummary:
     """The run, while it holds the output's lease; every shard commit checks the lease first."""
     import ray
 
-    objects = {obj.uri: obj for obj in list_shard_objects(plan.inputs, plan.storage_options or None)}
+    objects = {obj.uri: obj for obj in shards}
     uris = sorted(objects)
     layout, info = _layout(plan)
     plan = dataclasses.replace(plan, source=dataclasses.replace(plan.source, expected_hashes=info["part_hashes"]))
@@ -142,17 +163,26 @@ def _run_held(plan: TokenizePlan, run_id: str, lease: Lease, started: float) -> 
             ray.init()
         _warn_if_starved(plan.required_cpus)
         dataset = _build_dataset(plan, [(sid, ids[sid]) for sid in pending])
-        _drain(dataset, writer, total=len(pending))
+        _drain(dataset, writer, total=len(pending), progress=progress)
     summary = RunSummary(
         output=plan.output, shards_total=len(ids), shards_skipped=len(skipped), shards_committed=len(writer.done),
         images=sum(m["rows"] for m in writer.done.values()), errors=sum(m["errors"] for m in writer.done.values()),
         seconds=time.monotonic() - started, bundle_fingerprint=info["bundle_fingerprint"],
         untrained_parts=info["untrained_parts"], shards_failed=dict(sorted(writer.failed.items())),
         storage_retries=sum(writer.storage_retries.values()),
+        samples=sum(m["samples"] for m in writer.done.values()), errors_by_reason=_errors_by_reason(writer.done),
     )
     lease.guard()  # the manifest describes this run's corpus: only while the run still holds the output
     _write_manifest(plan, layout, run_id, summary, info)
     return summary
+
+
+def _errors_by_reason(markers: dict[str, dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for marker in markers.values():
+        for reason, count in marker.get("errors_by_reason", {}).items():
+            counts[reason] = counts.get(reason, 0) + count
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def _layout(plan: TokenizePlan) -> tuple[CorpusLayout, dict[str, Any]]:
@@ -235,13 +265,24 @@ def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]]) -> Any:
     return ds
 
 
-def _drain(dataset: Any, writer: CorpusWriter, total: int) -> None:
-    done = 0
+def _drain(dataset: Any, writer: CorpusWriter, total: int, progress: ProgressCallback | None = None) -> None:
+    """Hand every batch to the writer; report progress per batch (`progress`) or per commit (the log).
+    Images count the sample rows as they arrive (a re-delivered batch counts twice here, never in the
+    summary, which counts committed rows)."""
+    done = images = 0
+    started = time.monotonic()
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for marker in writer.add(batch):
+        images += int(np.count_nonzero(batch[S.ROW_KIND] == S.SAMPLE))
+        markers = writer.add(batch)
+        for marker in markers:
             done += 1
-            logger.info("committed shard %s: %d rows, %d errors (%d/%d shards this run)",
-                        marker["shard"], marker["rows"], marker["errors"], done, total)
+            now = Progress(shards_done=done, shards_total=total, images=images, seconds=time.monotonic() - started)
+            if progress is None:
+                logger.info("committed shard %s: %d rows, %d errors | %s",
+                            marker["shard"], marker["rows"], marker["errors"], format_progress(now))
+        if progress is not None:
+            progress(Progress(shards_done=done, shards_total=total, images=images,
+                              seconds=time.monotonic() - started))
     if writer.pending:  # failed shards are not pending: they were dropped when they failed
         raise RuntimeError(f"the pipeline ended with shards still incomplete: {sorted(writer.pending)}")
 

@@ -220,6 +220,9 @@ def test_report_renders_in_headless_chromium_from_a_copied_folder(audit, tmp_pat
     # grid (3 rows) + worst (2) + best (2): original, two guides, five variants each
     assert len(parsed.images) == 7 * (1 + 2 + len(VARIANTS))
     assert all((local / src).is_file() for src in parsed.images)
+    assert dom.count('target="_blank"><img') == len(parsed.images)  # every thumbnail links its full image
+    fingerprint = json.loads((local / "summary.json").read_text())["corpus_fingerprint"]
+    assert len(fingerprint) == 16 and dom.count(fingerprint) == 2  # the subtitle and the settings table
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "audit-report.png"
     shot.unlink(missing_ok=True)
@@ -229,6 +232,23 @@ def test_report_renders_in_headless_chromium_from_a_copied_folder(audit, tmp_pat
     assert pixels.shape[:2] == (2400, 1280)
     # the photos and plots are drawn: far more colours than a page of text
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2000
+
+
+@pytest.mark.slow
+def test_nightly_index_beside_the_audit_and_a_crossed_threshold_exits_4(audit, tmp_path, capsys):
+    fs, bucket = audit["fs"], audit["bucket"]
+    nightly = tmp_path / "nightly.yaml"
+    nightly.write_text("thresholds: {dual.psnr: 1000.0}\nrun_index: true\n")
+    capsys.readouterr()
+    assert cli(["--json", "audit", "-c", str(nightly), *audit["args"][1:]]) == 4  # finished slices: skipped
+    record = json.loads(capsys.readouterr().out)
+    psnr = record["variants"]["dual"]["psnr"]
+    assert record["exit_code"] == 4 and record["thresholds_crossed"] == [
+        f"dual.psnr = {psnr:.4g} is below its threshold 1000"]
+    fs.invalidate_cache()
+    index = fs.cat_file(f"{bucket}/index.html").decode()  # in the audit folder's parent
+    assert 'href="audit/index.html"' in index and "PSNR (dB) over runs (thresholds dual: 1000)" in index
+    assert index.count("<svg") == 2  # PSNR and SSIM: the tests have no LPIPS or CLIP weights
 
 
 # ---- statistics ------------------------------------------------------------------------------

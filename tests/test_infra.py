@@ -336,7 +336,7 @@ def _find(node: object, key: str) -> list:
 
 def test_job_files_may_not_carry_credentials(tmp_path):
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({"job": "tokenize", "config": {"inputs": ["s3://b/x"], "output": "s3://b/y",
+    path.write_text(yaml.safe_dump({"job": "tokenize", "config": {"inputs": ["s3://b/x"], "output": "s3://b/y", "bundle": "tiny",
                                                                 "storage": {"secret": "hunter2"}}}))
     with pytest.raises(ConfigError, match="config.storage.secret holds a credential"):
         read_job_file(path)

@@ -40,11 +40,11 @@ def job_file(tmp_path: Path, name: str, text: str) -> Path:
 
 # ---- submission ids -------------------------------------------------------------------------------
 def test_submission_id_depends_on_kind_config_and_date_only(tmp_path):
-    a = job_file(tmp_path, "a.yaml", "job: tokenize\nconfig: {inputs: [s3://b/s/], output: s3://b/c, seed: 1}\n")
+    a = job_file(tmp_path, "a.yaml", "job: tokenize\nconfig: {inputs: [s3://b/s/], output: s3://b/c, bundle: tiny, seed: 1}\n")
     # the same config, other key order and layout, comments: the same job
     b = job_file(tmp_path, "b.yaml", "# nightly\njob: tokenize\nconfig:\n  seed: 1\n  output: s3://b/c\n"
-                                     "  inputs:\n    - s3://b/s/\n")
-    c = job_file(tmp_path, "c.yaml", "job: tokenize\nconfig: {inputs: [s3://b/s/], output: s3://b/c, seed: 2}\n")
+                                     "  bundle: tiny\n  inputs:\n    - s3://b/s/\n")
+    c = job_file(tmp_path, "c.yaml", "job: tokenize\nconfig: {inputs: [s3://b/s/], output: s3://b/c, bundle: tiny, seed: 2}\n")
     plan_a, plan_b = plan_submission(read_job_file(a), DAY), plan_submission(read_job_file(b), DAY)
     assert plan_a.submission_id == plan_b.submission_id
     assert plan_a.submission_id.startswith("dualtok-tokenize-20260314-")
@@ -69,7 +69,7 @@ def test_date_subfolder_gives_each_day_its_own_output(tmp_path):
 def test_bad_job_files_fail_before_anything_is_sent(tmp_path):
     cases = {
         "job: tokenise\nconfig: {}\n": "unknown job kind 'tokenise'",
-        "job: tokenize\nconfig: {inputs: [x], output: y}\nresources: {}\n": "optionally 'date_subfolder'",
+        "job: tokenize\nconfig: {inputs: [x], output: y, bundle: tiny}\nresources: {}\n": "optionally 'date_subfolder'",
         "job: tokenize\nconfig: {inputs: [x], output: y, bundel: tiny}\n": "unknown config key 'bundel'",
         "job: tokenize\nconfig: {output: y}\n": "inputs is empty",
         "- job\n": "a job file is a mapping",

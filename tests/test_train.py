@@ -138,7 +138,7 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_min():
 
 
 def test_stage_configs_default_to_seed_values_and_reject_bad_keys():
-    base = ["inputs=s3://b/shards/", "output=/tmp/out", "storage_path=/tmp/runs"]
+    base = ["inputs=s3://b/shards/", "bundle=tiny", "output=/tmp/out", "storage_path=/tmp/runs"]
     qformer = load_config(STAGE_CONFIGS["qformer"], None, base)
     assert (qformer.lr, qformer.min_lr, qformer.warmup_lr, qformer.warmup_steps) == (3e-5, 3e-6, 3e-7, 2000)
     assert (qformer.weight_decay, qformer.batch_size, qformer.label_smoothing) == (0.05, 64, 0.1)
