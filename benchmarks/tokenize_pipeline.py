@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import ray
 
 # isort: split
@@ -69,26 +70,20 @@ class BenchConfig:
     sweep_shards: int = 2
     workers: tuple[int, ...] = (0, 1, 2)
     bundle: str = "small"
-    overrides: tuple[str, ...] = ()  # extra `dualtok tokenize` key=value overrides, applied after FIT_TO_CPUS
+    overrides: tuple[str, ...] = ()  # extra `dualtok tokenize` key=value overrides, applied last
 
     @property
     def shards(self) -> int:
         return -(-self.photos // self.per_shard)
 
     def pipeline_overrides(self) -> list[str]:
-        return [f"bundle={self.bundle}", f"encoder.batch_size={self.batch_size}", *fit_to_cpus(self.cpus),
-                *self.overrides]
+        """What the benchmark adds to `dualtok tokenize`: the bundle, and the batch size only where it
+        differs from the job's default. Resources are the job's defaults, sized to the cluster the job
+        finds (as users run it): nothing here tunes them."""
+        from pipelines.stages import StageResources
 
-
-def fit_to_cpus(cpus: int) -> list[str]:
-    """`dualtok tokenize` overrides for `jobs.tokenize.cpu_node_resources` (what `dualtok demo`
-    uses): one single-threaded encoder actor per CPU, each holding both branches, and a quarter
-    CPU for the read+decode actor. The job's defaults (a 1-CPU read actor beside one 1-CPU encoder,
-    sized for GPU nodes) would leave half of this 2-core machine idle."""
-    from jobs.tokenize import cpu_node_resources
-
-    read_cpus, encoder = cpu_node_resources(cpus)
-    return [f"read_cpus={read_cpus}", f"encoder.actors={encoder.actors}", f"encoder.cpus_per_actor={encoder.cpus_per_actor}"]
+        batch = [] if self.batch_size == StageResources().batch_size else [f"encoder.batch_size={self.batch_size}"]
+        return [f"bundle={self.bundle}", *batch, *self.overrides]
 
 
 # ---- measurement helpers --------------------------------------------------------------------
@@ -255,23 +250,28 @@ def write_shards(output: str, photos: int, per_shard: int) -> list[str]:
 
 
 def run_pipeline(inputs: str, output: str, config: BenchConfig, exclude: set[int]) -> dict[str, Any]:
-    """One `dualtok tokenize` run in a fresh local Ray session, timed from `ray.init` on."""
-    from jobs.tokenize import TokenizeConfig, plan_from_config
-    from pipelines.configuration import load_config
-    from pipelines.tokenize import run_tokenize
+    """One `dualtok tokenize` run, the job's own code path (`jobs.cli` -> `jobs.tokenize.run`: its
+    checks, its resource sizing, its defaults), in a fresh local Ray session timed from `ray.init` on.
+    The counts come from the manifest the job writes."""
+    from jobs.cli import main as dualtok
 
-    tokenize_config = load_config(TokenizeConfig, None, ["inputs=" + json.dumps([inputs]), f"output={output}",
-                                                         *config.pipeline_overrides()])
+    argv = ["-q", "tokenize", "inputs=" + json.dumps([inputs]), f"output={output}", *config.pipeline_overrides()]
     with SessionSampler(exclude) as session:
         start = time.monotonic()
-        # No dashboard: it is not part of the job, and its processes would pad the memory baseline.
+        # The Ray `dualtok tokenize` would start here (the machine's CPUs), without the dashboard: it is
+        # not part of the job, and its processes would pad the memory baseline.
         ray.init(num_cpus=config.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        summary = run_tokenize(plan_from_config(tokenize_config))
+        code = dualtok(argv)
         seconds = time.monotonic() - start
         ray.shutdown()
-    return {"images": summary.images, "errors": summary.errors, "seconds": seconds,
-            "images_per_second": summary.images / seconds, "job_seconds": summary.seconds,
+    if code != 0:
+        raise RuntimeError(f"dualtok {' '.join(argv)} exited {code}")
+    fs, path = fsspec.core.url_to_fs(output.rstrip("/") + "/manifest.json")
+    manifest = json.loads(fs.cat_file(path))
+    summary = manifest["this_run"]
+    return {"images": summary["images"], "errors": summary["errors"], "seconds": seconds,
+            "images_per_second": summary["images"] / seconds, "job_seconds": summary["seconds"],
+            "resources": {k: manifest["config"][k] for k in ("read_cpus", "read_actors", "encoder")},
             "peak_rss_bytes": session.peak, "peak_pss_bytes": session.peak_pss, "memory_samples": session.samples, "rss_at_peak": session.at_peak,
             "cpu_seconds": sum(session.cpu_by_title().values()), "cpu_by_process": session.cpu_by_title(),
             "sampler_cpu_seconds": session.own_cpu}
