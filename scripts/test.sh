@@ -18,6 +18,6 @@ fi
 # ends, however it ends, anything still carrying it is reported and killed, and the run fails.
 export DUALTOK_TEST_RUN="$$-$(date +%s%N)"
 rc=0
-python -m pytest -q -ra "$@" || rc=$?
+python -m pytest -q -ra --durations=25 "$@" || rc=$?
 python scripts/reap_test_processes.py "$DUALTOK_TEST_RUN" || { [ "$rc" = 0 ] && rc=1; }
 exit "$rc"

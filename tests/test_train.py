@@ -548,6 +548,12 @@ def files_holding(root: Path, needles: list[str]) -> list[str]:
     return found
 
 
+def overriding(base: list[str], *items: str) -> list[str]:
+    """`base` overrides with `items` in place of the same keys (a key given twice is a config error)."""
+    keys = {item.partition("=")[0] for item in items}
+    return [item for item in base if item.partition("=")[0] not in keys] + list(items)
+
+
 @pytest.mark.slow  # two 1-worker Ray Train runs on 2 cores: ~2 min
 def test_a_rerun_with_another_config_stops_or_starts_a_new_run_and_no_credential_reaches_the_run(
     ray_session, s3, tmp_path, capsys, caplog, monkeypatch
@@ -564,22 +570,22 @@ def test_a_rerun_with_another_config_stops_or_starts_a_new_run_and_no_credential
     bucket = s3.new_bucket()
     write_sample_shards(f"s3://{bucket}/shards", count=8, per_shard=8, seed=4, storage_options=s3.storage_options)
     runs, out = tmp_path / "runs", tmp_path / "out"
-    base = [*two_worker_overrides(f"s3://{bucket}/shards/", "tiny", str(out), str(runs), steps=4, every=2),
-            "num_workers=1", "max_failures=0", "name=changes", f"storage.endpoint_url={s3.url}",
-            f"storage.key={key}", f"storage.secret={secret}"]
+    base = overriding(two_worker_overrides(f"s3://{bucket}/shards/", "tiny", str(out), str(runs), steps=4, every=2),
+                      "num_workers=1", "max_failures=0", "name=changes", f"storage.endpoint_url={s3.url}",
+                      f"storage.key={key}", f"storage.secret={secret}")
     with pytest.raises(ray.train.TrainingFailedError):
         train(load_config(STAGE_CONFIGS["codebook"], None, base), callbacks=[KillWorkerAtCheckpoints()])
     old = RunLayout(str(runs), "changes")
     assert old.has_checkpoints() and old.finished() is None and old.record()["identity"]["lr"] == 0.001
     snapshot = sorted(str(p) for p in (runs / "changes").rglob("*"))
 
-    changed = [*base, "lr=0.002", "steps=6"]
+    changed = overriding(base, "lr=0.002", "steps=6")
     with pytest.raises(DualtokError, match=r"run changes .*lr: 0\.001 -> 0\.002; steps: 4 -> 6\. Rerun .*new_run"):
         train(load_config(STAGE_CONFIGS["codebook"], None, changed))
-    resumable = [*base, "num_workers=2", "batch_size=1", "grad_accumulation=1", "checkpoint_every=3"]
+    resumable = overriding(base, "num_workers=2", "batch_size=1", "grad_accumulation=1", "checkpoint_every=3")
     assert train_plan_name(resumable) == "changes"  # same global batch (2), other policies: the same run
     with pytest.raises(DualtokError, match="global_batch: 2 -> 4"):
-        train_plan_name([*base, "grad_accumulation=2"])
+        train_plan_name(overriding(base, "grad_accumulation=2"))
 
     assert cli(["train", "codebook", *changed, "on_config_change=new_run"]) == 0
     (new_run,) = [p.name for p in runs.iterdir() if p.name != "changes"]
