@@ -11,6 +11,7 @@ outlived the suite: it is listed, killed, and the exit status is 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -44,10 +45,8 @@ def main() -> int:
         time.sleep(0.5)
         left = tagged(args.tag)
     for pid in left:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     if left:
         print(f"{len(left)} process(es) outlived the test suite and were killed:", file=sys.stderr)
         for pid, cmd in sorted(left.items()):
