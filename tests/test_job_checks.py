@@ -6,6 +6,7 @@ samples are all bad commits them and exits 4; unset resources size themselves to
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -128,7 +129,9 @@ def test_resources_the_user_sets_are_kept():
 
 @pytest.mark.slow  # a real tokenize run on the session's Ray cluster: 10 s, ~40 s on 2 loaded cores
 @pytest.mark.timeout(600)
-def test_a_run_where_every_sample_is_bad_commits_and_exits_4(ray_session, tmp_path, capsys):
+def test_a_run_where_every_sample_is_bad_commits_and_exits_4(ray_session, tmp_path, capsys, caplog):
+    """Also the run a scheduler reads: with --json, one JSON object is the whole of stdout; Ray Data's
+    progress block is off and the pipeline logs one line per committed shard with its rate and ETA."""
     from jobs.cli import main as cli
 
     shards = tmp_path / "shards"
@@ -137,10 +140,20 @@ def test_a_run_where_every_sample_is_bad_commits_and_exits_4(ray_session, tmp_pa
     (shards / "00000.tar").write_bytes(tar_bytes(members))
     out = tmp_path / "corpus"
     started = time.monotonic()
-    code = cli(["tokenize", f"inputs={shards}", f"output={out}", "bundle=tiny", "streams=guide", "encoder.actors=1"])
-    err = capsys.readouterr().err
+    caplog.set_level("INFO", logger="pipelines")
+    code = cli(["tokenize", f"inputs={shards}", f"output={out}", "bundle=tiny", "streams=guide", "encoder.actors=1",
+                "--json"])
+    printed = capsys.readouterr()
+    err = printed.err
     assert code == EXIT_TOO_MANY_ERRORS, err
     assert "4 of 4 samples (100.0%) are errors, over max_error_fraction=0.5; top reasons: 4 x decode" in err
+    record = json.loads(printed.out)  # the whole of stdout is one JSON object
+    assert record["job"] == "tokenize" and record["exit_code"] == EXIT_TOO_MANY_ERRORS
+    assert record["shards"] == {"total": 1, "committed": 1, "skipped": 0, "failed": {}}
+    assert record["images"] == 0 and record["errors"] == 4 and record["untrained_parts"] == ["guide"]
+    assert "Total Progress" not in err
+    logged = [r.getMessage() for r in caplog.records]
+    assert len([m for m in logged if re.search(r"committed shard 00000: .*\| shards 1/1 .* images/s .* ETA", m)]) == 1
     marker = json.loads((out / "_committed" / "00000.json").read_text())  # committed all the same
     assert (marker["samples"], marker["rows"], marker["errors"]) == (4, 0, 4)
     used = json.loads((out / "manifest.json").read_text())["config"]  # the resources the run used, sized or set

@@ -1,4 +1,4 @@
-"""What a run shows: the progress line, the --json summary, report plots and HTML pieces, the nightly
+"""What a run shows: the progress line, report plots and HTML pieces, the nightly
 thresholds and the bounded-memory duplicate counts of the corpus statistics."""
 
 from __future__ import annotations
@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,6 @@ from pipelines import report_html as H
 from pipelines.audit_index import crossed_thresholds, parse_thresholds, render_index
 from pipelines.corpus_stats import StreamCounter, corpus_fingerprint
 from pipelines.progress import Progress, TerminalProgress, format_duration, format_progress
-from pipelines.sample_photos import write_sample_shards
 from pipelines.svg_plots import rank_frequency
 
 
@@ -125,21 +122,3 @@ def test_corpus_fingerprint_changes_with_any_committed_shard():
     assert len(first) == 16 and first == corpus_fingerprint(json.loads(json.dumps(markers)))
     assert corpus_fingerprint({**markers, "00001": markers["00000"]}) != first
     assert corpus_fingerprint({"00000": {**markers["00000"], "shard_version": "c"}}) != first
-
-
-# ---- a real tokenize run, --json ---------------------------------------------------------------
-@pytest.mark.slow
-def test_tokenize_json_summary_is_the_only_stdout(tmp_path):
-    write_sample_shards(str(tmp_path / "shards"), count=6, per_shard=3)  # 2 shards of 3
-    cmd = [sys.executable, "-m", "jobs.cli", "tokenize", f"inputs={tmp_path}/shards", f"output={tmp_path}/corpus",
-           "bundle=tiny", "ray.num_cpus=2", "--json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads(done.stdout)  # the whole of stdout is one JSON object
-    assert record["job"] == "tokenize" and record["exit_code"] == 0
-    assert record["shards"] == {"total": 2, "committed": 2, "skipped": 0, "failed": {}}
-    assert record["images"] == 6 and record["errors"] == 0 and record["images_per_second"] > 0
-    assert record["untrained_parts"] == ["guide", "semantic"] and len(record["bundle_fingerprint"]) == 16
-    # Ray Data's progress block and its INFO lines are off; the pipeline logs one line per shard
-    assert "Total Progress" not in done.stderr and "streaming_executor" not in done.stderr
-    assert len(re.findall(r"committed shard .*\| shards [12]/2 .* images/s .* ETA", done.stderr)) == 2
