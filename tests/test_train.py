@@ -282,10 +282,15 @@ def _ddp_qformer_gradients(rank: int, port: int, batch: dict, out: str) -> None:
     stage = QFormerStage(fresh_branch("semantic"), gather=all_gather_with_grad)
     half = {k: v.chunk(2)[rank] for k, v in batch.items()}
     module = DistributedDataParallel(stage)
-    module(**half).loss.backward()
+    module(**half).loss.backward()  # returns once DDP's gradient all-reduce has completed on both ranks
     if rank == 0:
         torch.save({n: p.grad for n, p in stage.named_trainable_parameters()}, out)
-    dist.destroy_process_group()
+    # Leave without running destructors. Freeing the DDP module frees its Reducer, the last owner of
+    # the gloo process group, whose destructor joins gloo's worker thread while holding the GIL; a
+    # worker thread still destroying a finished all-reduce needs the GIL to drop a Python reference
+    # it holds: both wait forever (seen with py-spy --native in ~1 of 6 suite runs, spawned or forked:
+    # the 15-minute hang once blamed on fork). Nothing is left to do here that a destructor would do.
+    os._exit(0)
 
 
 def test_contrastive_gradients_under_ddp_equal_the_single_process_global_batch(photos, text_tokenizer, tmp_path):
