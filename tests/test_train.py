@@ -293,7 +293,9 @@ def _ddp_qformer_gradients(rank: int, port: int, batch: dict, out: str) -> None:
     os._exit(0)
 
 
-def test_contrastive_gradients_under_ddp_equal_the_single_process_global_batch(photos, text_tokenizer, tmp_path):
+def test_contrastive_gradients_under_ddp_equal_the_single_process_global_batch(photos, text_tokenizer, tmp_path,
+                                                                                  one_thread):
+    # one_thread: the reference runs single-threaded like the ranks, so both sum in the same order
     import torch.multiprocessing as mp
 
     from tests.conftest import free_port
