@@ -134,7 +134,7 @@ class FaultProxy:
 
 def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
     class Handler(_ProxyHandler):
-        pass
+        """A handler class per proxy (the server instantiates it per request)."""
 
     Handler.proxy = proxy
     return Handler
@@ -176,7 +176,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _request_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            raise NotImplementedError("the fault proxy forwards Content-Length bodies only")
+            raise ValueError("the fault proxy forwards Content-Length bodies only; s3fs sends no chunked bodies")
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
