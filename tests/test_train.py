@@ -456,7 +456,7 @@ def test_guide_trains_on_s3_with_two_workers_exports_a_bundle_and_a_rerun_does_n
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/runs/guide-s3") if "checkpoint_0" in p) == checkpoints
 
 
-@pytest.mark.slow  # three 2-worker Ray Train runs, each loading the previous one's bundle: ~3 min on 2 cores
+@pytest.mark.slow  # three 1-worker Ray Train runs, each loading the previous one's bundle: ~1 min on 2 cores
 def test_semantic_stages_chain_qformer_codebook_reverse_through_exported_bundles(
     ray_session, local_shards, text_tokenizer, tiny, photos, tmp_path
 ):
@@ -465,8 +465,9 @@ def test_semantic_stages_chain_qformer_codebook_reverse_through_exported_bundles
         out = tmp_path / stage
         extra = [f"text_tokenizer={text_tokenizer}"] if stage == "qformer" else []
         config = load_config(STAGE_CONFIGS[stage], None,
-                             [*two_worker_overrides(str(local_shards), bundle, str(out), str(tmp_path / "runs"), 3, 3),
-                              *extra])
+                             [*overriding(two_worker_overrides(str(local_shards), bundle, str(out),
+                                                               str(tmp_path / "runs"), 3, 3), "num_workers=1"),
+                              *extra])  # two workers: the guide, kill and rerun tests
         summary = train(config)
         assert summary.steps == 3 and not summary.already_finished and summary.first_loss > 0
         exported = DualTokenizer.from_pretrained(out)
@@ -521,7 +522,7 @@ def test_killed_workers_resume_from_checkpoints_and_a_rerun_continues_the_step_c
 ):
     import ray.train
 
-    steps, every = 20, 4
+    steps, every = 12, 3
     overrides = [*two_worker_overrides(str(local_shards), "tiny", str(tmp_path / "out"), str(tmp_path / "runs"),
                                        steps, every), "max_failures=1", "name=killed"]
     config = load_config(STAGE_CONFIGS["codebook"], None, overrides)
