@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from dualtok_core.bundle import DualTokenizer
-from pipelines.decode import DecodeConfig, decode_image
-from pipelines.sample_photos import encode_jpeg, sample_photos
+from dualtok.pipelines.io.decode import DecodeConfig, decode_image
+from dualtok.pipelines.shards.photos import encode_jpeg, sample_photos
 
 DETOKENIZE = {"tiny": dict(size=64, steps=4), "small": dict(size=256, steps=10), "paper": dict(size=512, steps=25)}
 

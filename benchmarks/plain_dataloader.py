@@ -1,7 +1,7 @@
 """The plain script users write instead of `dualtok tokenize`: the baseline of the benchmark.
 
 A torch `DataLoader` over the WebDataset shards (the `webdataset` package), the pipeline's own
-decode (`pipelines.decode.decode_image`), the same bundle and batch size, and one `.npy` per
+decode (`dualtok.pipelines.io.decode.decode_image`), the same bundle and batch size, and one `.npy` per
 image, as LlamaGen's `extract_codes_c2i.py` writes its codes. Nothing here is tuned beyond what
 such a script does; `--workers` is the one knob the benchmark sweeps to give it its best case.
 
@@ -27,8 +27,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from pipelines.decode import DecodeConfig, decode_image
-from pipelines.stages import BundleSource
+from dualtok.pipelines.io.decode import DecodeConfig, decode_image
+from dualtok.pipelines.actors import BundleSource
 
 logger = logging.getLogger(__name__)
 

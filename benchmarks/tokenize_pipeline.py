@@ -80,7 +80,7 @@ class BenchConfig:
         """What the benchmark adds to `dualtok tokenize`: the bundle, and the batch size only where it
         differs from the job's default. Resources are the job's defaults, sized to the cluster the job
         finds (as users run it): nothing here tunes them."""
-        from pipelines.stages import StageResources
+        from dualtok.pipelines.actors import StageResources
 
         batch = [] if self.batch_size == StageResources().batch_size else [f"encoder.batch_size={self.batch_size}"]
         return [f"bundle={self.bundle}", *batch, *self.overrides]
@@ -211,9 +211,9 @@ def calibrate(shard_uris: list[str], bundle: str, count: int, batch_size: int, t
     import numpy as np
     import torch
 
-    from pipelines.decode import DecodeConfig, decode_image
-    from pipelines.shards import iter_samples
-    from pipelines.stages import BundleSource
+    from dualtok.pipelines.io.decode import DecodeConfig, decode_image
+    from dualtok.pipelines.io.shards import iter_samples
+    from dualtok.pipelines.actors import BundleSource
 
     tokenizer = BundleSource(bundle).load(("guide", "semantic"))
     size = max(tokenizer.part(p).config.image_size for p in ("guide", "semantic"))  # as the pipeline decodes
@@ -244,16 +244,16 @@ def in_fresh_process(function: Any, **kwargs: Any) -> Any:
 
 
 def write_shards(output: str, photos: int, per_shard: int) -> list[str]:
-    from pipelines.sample_photos import write_sample_shards
+    from dualtok.pipelines.shards.photos import write_sample_shards
 
     return list(write_sample_shards(output, photos, per_shard).shards)
 
 
 def run_pipeline(inputs: str, output: str, config: BenchConfig, exclude: set[int]) -> dict[str, Any]:
-    """One `dualtok tokenize` run, the job's own code path (`jobs.cli` -> `jobs.tokenize.run`: its
+    """One `dualtok tokenize` run, the job's own code path (`dualtok.jobs.cli` -> `dualtok.jobs.tokenize.run`: its
     checks, its resource sizing, its defaults), in a fresh local Ray session timed from `ray.init` on.
     The counts come from the manifest the job writes."""
-    from jobs.cli import main as dualtok
+    from dualtok.jobs.cli import main as dualtok
 
     argv = ["-q", "tokenize", "inputs=" + json.dumps([inputs]), f"output={output}", *config.pipeline_overrides()]
     with SessionSampler(exclude) as session:
@@ -319,7 +319,7 @@ def corpus_bytes(output: str) -> dict[str, Any]:
     import fsspec
     import pyarrow.parquet as pq
 
-    from pipelines import schemas as S
+    from dualtok.pipelines.io import schemas as S
 
     fs, root = fsspec.core.url_to_fs(output)
     files = sorted(p for p in fs.find(f"{root}/data") if p.endswith(".parquet"))
@@ -358,8 +358,8 @@ def uniform_token_corpus(output: str, scratch: str, rows_per_shard: int) -> dict
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipelines import schemas as S
-    from pipelines.corpus import CorpusLayout, CorpusWriter
+    from dualtok.pipelines.io import schemas as S
+    from dualtok.pipelines.io.corpus import CorpusLayout, CorpusWriter
 
     fs, root = fsspec.core.url_to_fs(output)
     files = sorted(p for p in fs.find(f"{root}/data") if p.endswith(".parquet"))
@@ -385,7 +385,7 @@ def _sample_batch(table: Any, rows: range, tokens: dict[str, Any], shard: str) -
     """Rows of `table` as one pipeline batch (SAMPLE rows, then the shard's END row)."""
     import numpy as np
 
-    from pipelines import schemas as S
+    from dualtok.pipelines.io import schemas as S
 
     n = len(rows)
     def objects(values: list[Any]) -> Any:

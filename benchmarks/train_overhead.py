@@ -8,7 +8,7 @@ Everything runs on this machine, on the same model, batch size and data:
    Ray dataset (so neither side pays for JPEG decoding inside its timed steps);
 2. `plain`: one process, the stage module, AdamW and `optimizer_step` of dualtok_core, batches of
    that dataset held in memory, `--threads` torch threads;
-3. `ray-1`: `jobs.train.fit` (TorchTrainer, get_dataset_shard, ray.train.report every step) with one
+3. `ray-1`: `dualtok.jobs.train.fit` (TorchTrainer, get_dataset_shard, ray.train.report every step) with one
    worker holding `--threads` CPUs (and as many torch threads), over the same dataset;
 4. `plain` again (a shared machine drifts; the two plain runs are averaged);
 5. `ray-2`: two such workers (DDP, gloo), each with half the batch -> the scaling on this machine.
@@ -59,8 +59,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def train_config(args: argparse.Namespace, work: Path, name: str, workers: int, cpus: int) -> Any:
-    from jobs.train import STAGE_CONFIGS
-    from pipelines.configuration import load_config
+    from dualtok.pipelines.train.config import STAGE_CONFIGS
+    from dualtok.pipelines.config import load_config
 
     return load_config(STAGE_CONFIGS[args.stage], None, [
         f"inputs={work / 'shards'}", f"bundle={args.preset}", f"output={work / name / 'bundle'}",
@@ -72,9 +72,9 @@ def train_config(args: argparse.Namespace, work: Path, name: str, workers: int, 
 
 
 def measure_ray(args: argparse.Namespace, work: Path, dataset: Any, workers: int, cpus: int) -> dict[str, Any]:
-    from jobs.train import fit
-    from jobs.train_plan import plan_training
-    from pipelines import schemas as S
+    from dualtok.pipelines.train.run import fit
+    from dualtok.pipelines.train.plan import plan_training
+    from dualtok.pipelines.io import schemas as S
 
     plan = plan_training(train_config(args, work, f"ray-{workers}", workers, cpus))
     started = time.perf_counter()
@@ -99,9 +99,9 @@ def measure_plain(args: argparse.Namespace, work: Path, batches: list[dict[str, 
     from dualtok_core.imaging import check_uint8_images, to_model_input
     from dualtok_core.training import build_optimizer, build_scheduler, optimizer_step
     from dualtok_core.training_stages import stage_class
-    from jobs.train_plan import plan_training
-    from jobs.train_state import branch_for_stage
-    from pipelines import schemas as S
+    from dualtok.pipelines.train.plan import plan_training
+    from dualtok.pipelines.train.state import branch_for_stage
+    from dualtok.pipelines.io import schemas as S
 
     torch.set_num_threads(args.threads)
     plan = plan_training(train_config(args, work, "plain", 1, args.threads)).worker
@@ -133,9 +133,9 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    from pipelines.sample_photos import write_sample_shards
-    from pipelines.storage import list_shards
-    from pipelines.training_data import TrainingDataConfig, training_dataset
+    from dualtok.pipelines.shards.photos import write_sample_shards
+    from dualtok.pipelines.io.storage import list_shards
+    from dualtok.pipelines.train.data import TrainingDataConfig, training_dataset
 
     work = Path(tempfile.mkdtemp(prefix="dualtok-train-bench-"))
     write_sample_shards(str(work / "shards"), count=args.photos, per_shard=8, seed=0)

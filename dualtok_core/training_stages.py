@@ -1,4 +1,9 @@
-"""The four training stages as modules whose forward is the stage's loss.
+"""The training stages as modules whose forward is the stage's loss. Each stage class is the one
+place that declares what it trains (`part`, `trainable_prefixes`), what else it loads frozen
+(`frozen_parts`), its loss terms (`loss_terms`, the metric columns), whether its rows need
+captions, and how a batch of images and captions becomes its `forward`'s arguments (`inputs`).
+Adding a stage is adding a class to `STAGES`; the Ray Train worker, the planner, the exporter and
+the job's `stage` choices read everything from here.
 
     guide     Branch I   eq. 4-5 MSE to the input resized to the guide size + VQ terms   (GuideVQModel)
     qformer   Branch II  eq. 6 contrastive, last causal query vs. the text [CLS]         (ViT frozen)
@@ -17,7 +22,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from diffusers.utils import BaseOutput
@@ -35,6 +40,26 @@ def no_gather(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def tokenize_captions(tokenizer: Any, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> (input_ids, attention_mask), both (B, L) int64, padded to the longest, truncated."""
+    encoded = tokenizer(
+        [str(c) for c in captions], padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return encoded["input_ids"].long(), encoded["attention_mask"].long()
+
+
+@dataclass
+class StageContext:
+    """What a stage needs beside its bundle, resolved by the caller (core reads no files or stores)."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    gather: Gather = no_gather  # the all-gather with gradients across workers (qformer's negatives)
+    text_tokenizer: Any = None  # qformer: the Q-Former's text tokenizer (a transformers tokenizer)
+    max_text_length: int = 32
+    label_smoothing: float = 0.1
+    model: nn.Module | None = None  # the branch to train instead of the bundle's (guide: MoVQ weights)
+
+
 @dataclass
 class StageOutput(BaseOutput):
     loss: torch.Tensor  # the scalar that is back-propagated
@@ -47,11 +72,28 @@ class TrainingStage(nn.Module, abc.ABC):
 
     name: ClassVar[str] = ""
     part: ClassVar[str] = ""  # the bundle part this stage trains
-    needs_captions: ClassVar[bool] = False
+    frozen_parts: ClassVar[tuple[str, ...]] = ()  # other bundle parts it loads and keeps frozen
+    needs_captions: ClassVar[bool] = False  # rows without a caption are skipped
+    loss_terms: ClassVar[tuple[str, ...]] = ()  # the keys of `StageOutput.terms` (metric columns)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+
+    @classmethod
+    def parts(cls) -> tuple[str, ...]:
+        """The bundle parts a run of this stage loads: the trained one first."""
+        return (cls.part, *cls.frozen_parts)
+
+    @classmethod
+    def from_bundle(cls, tokenizer: Any, context: StageContext) -> TrainingStage:
+        """The stage over `tokenizer`'s part (a `DualTokenizer` holding `parts()`), on `context.device`."""
+        return cls(context.model if context.model is not None else tokenizer.part(cls.part)).to(context.device)
+
+    def inputs(self, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        """`forward`'s keyword arguments for a batch: images (B, 3, S, S) in [0, 1] on the stage's
+        device, and the rows' captions."""
+        return {"images": images}
 
     @property
     def image_size(self) -> int:
@@ -96,6 +138,7 @@ class GuideStage(TrainingStage):
     """Branch I end to end: encoder, codebook and decoder all train."""
 
     name, part = "guide", "guide"
+    loss_terms = ("recon_loss", "codebook_loss", "commitment_loss")
 
     def __init__(self, model: GuideVQModel) -> None:
         super().__init__(model)
@@ -130,11 +173,26 @@ class QFormerStage(_SemanticStage):
     every image's negatives are the captions of every worker, as in SEED/BLIP-2."""
 
     name, part, needs_captions = "qformer", "semantic", True
+    loss_terms = ("contrastive_loss", "temperature")
 
-    def __init__(self, model: SemanticTokenizer, gather: Gather = no_gather, label_smoothing: float = 0.1) -> None:
+    def __init__(self, model: SemanticTokenizer, gather: Gather = no_gather, label_smoothing: float = 0.1,
+                 text_tokenizer: Any = None, max_text_length: int = 32) -> None:
         super().__init__(model)
         self.gather = gather
         self.label_smoothing = label_smoothing
+        self.text_tokenizer, self.max_text_length = text_tokenizer, max_text_length
+
+    @classmethod
+    def from_bundle(cls, tokenizer: Any, context: StageContext) -> QFormerStage:
+        if context.text_tokenizer is None:
+            raise DualtokError("the qformer stage needs the Q-Former's text tokenizer")
+        model = context.model if context.model is not None else tokenizer.part(cls.part)
+        return cls(model, gather=context.gather, label_smoothing=context.label_smoothing,
+                   text_tokenizer=context.text_tokenizer, max_text_length=context.max_text_length).to(context.device)
+
+    def inputs(self, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        ids, mask = tokenize_captions(self.text_tokenizer, captions, self.max_text_length)
+        return {"images": images, "input_ids": ids.to(images.device), "attention_mask": mask.to(images.device)}
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> StageOutput:
         image_feat, text_feat = self.model.image_text_features(images, input_ids, attention_mask)  # (B, E) each
@@ -148,6 +206,7 @@ class CodebookStage(_SemanticStage):
     """Eq. 7: codebook + embedding decoder reconstruct the frozen Causal Q-Former's output."""
 
     name, part = "codebook", "semantic"
+    loss_terms = ("cosine_loss", "codebook_loss", "commitment_loss")
 
     @property
     def codebook_size(self) -> int:
@@ -165,6 +224,27 @@ class ReverseStage(_SemanticStage):
     encoder's features of the caption (`target`, computed by the caller)."""
 
     name, part, needs_captions = "reverse", "semantic", True
+    frozen_parts = ("diffusion",)  # its text encoder makes the target
+    loss_terms = ("generation_loss",)
+
+    def __init__(self, model: SemanticTokenizer, text_encoder: nn.Module | None = None) -> None:
+        super().__init__(model)
+        # Not a submodule: frozen, outside DDP (no gradient sync, no per-step buffer broadcast) and
+        # outside checkpoints; `from_bundle` puts it on the stage's device.
+        self.__dict__["text_encoder"] = text_encoder
+
+    @classmethod
+    def from_bundle(cls, tokenizer: Any, context: StageContext) -> ReverseStage:
+        model = context.model if context.model is not None else tokenizer.part(cls.part)
+        encoder = tokenizer.part("diffusion").to(context.device).eval().requires_grad_(False)
+        return cls(model, text_encoder=encoder).to(context.device)
+
+    def inputs(self, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        if self.text_encoder is None:
+            raise DualtokError("the reverse stage needs the bundle's diffusion text encoder (its eq. 8 target)")
+        with torch.no_grad():
+            target = self.text_encoder.text_embeddings(captions)  # (B, 77, D)
+        return {"images": images, "target": target.to(images.device)}
 
     def forward(self, images: torch.Tensor, target: torch.Tensor) -> StageOutput:
         loss = self.model.generation_loss(target, images=images)

@@ -10,14 +10,16 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from jobs.job_checks import EXIT_TOO_MANY_ERRORS, check_bundle, check_output, too_many_errors
-from jobs.job_config import RayConfig, StorageConfig, add_config_arguments, config_from_args, init_ray
-from pipelines.audit import BASE_VARIANTS, ReportSettings
-from pipelines.audit_index import parse_thresholds
-from pipelines.configuration import ConfigError, to_dict
-from pipelines.perceptual import PerceptualWeights
-from pipelines.progress import quiet_ray_data
-from pipelines.stages import StageResources
+from dualtok.jobs.checks import EXIT_TOO_MANY_ERRORS, check_bundle, check_output, too_many_errors
+from dualtok.pipelines.cluster import RayConfig, init_ray
+from dualtok.pipelines.io.storage import StorageConfig
+from dualtok.jobs.config import add_config_arguments, config_from_args
+from dualtok.pipelines.audit.plan import BASE_VARIANTS, ReportSettings
+from dualtok.pipelines.audit.index import parse_thresholds
+from dualtok.pipelines.config import ConfigError, to_dict
+from dualtok.pipelines.audit.perceptual import PerceptualWeights
+from dualtok.pipelines.progress import quiet_ray_data
+from dualtok.pipelines.actors import StageResources
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class AuditConfig:
 
 def _corpus_bundle(config: AuditConfig, options: dict[str, Any]) -> tuple[str, int]:
     """The bundle spec and weights seed the corpus's manifest records."""
-    from pipelines.storage import filesystem, join
+    from dualtok.pipelines.io.storage import filesystem, join
 
     fs, path = filesystem(join(config.corpus, "manifest.json"), options or None)
     if not fs.exists(path):
@@ -87,10 +89,11 @@ def _corpus_bundle(config: AuditConfig, options: dict[str, Any]) -> tuple[str, i
 
 
 def plan_from_config(config: AuditConfig) -> Any:
-    from pipelines.audit import AuditPlan, guide_name
-    from pipelines.audit_sample import SampleSpec
-    from pipelines.audit_stages import RenderSettings
-    from pipelines.stages import BundleSource
+    from dualtok.pipelines.audit.plan import AuditPlan
+    from dualtok.pipelines.audit.pipeline import guide_name
+    from dualtok.pipelines.audit.sample import SampleSpec
+    from dualtok.pipelines.audit.stages import RenderSettings
+    from dualtok.pipelines.actors import BundleSource
 
     options = config.storage.storage_options()
     spec, seed = _corpus_bundle(config, options) if not config.bundle else (config.bundle, 0)
@@ -162,7 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_paths(config: AuditConfig) -> None:
     """Before Ray starts: the corpus is a token corpus, the bundle (when given) is a bundle or a
     preset, the output can be created."""
-    from pipelines.storage import filesystem, join
+    from dualtok.pipelines.io.storage import filesystem, join
 
     options = config.storage.storage_options()
     fs, path = filesystem(join(config.corpus, "manifest.json"), options or None)
@@ -181,12 +184,12 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(AuditConfig, args)
     check_paths(config)
     if args.stats_only or config.stats_only:
-        from jobs.stats import print_statistics, write_statistics
+        from dualtok.jobs.stats import print_statistics, write_statistics
 
         stats = write_statistics(config.corpus, config.output, config.storage.storage_options())
         print_statistics(stats, config.output)
         return 0
-    from pipelines.audit import run_audit
+    from dualtok.pipelines.audit.pipeline import run_audit
 
     plan = plan_from_config(config)
     init_ray(config.ray)
@@ -207,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _after_audit(config: AuditConfig, summary: Any) -> list[str]:
     """The nightly part: rewrite the cross-run index when asked; the thresholds this run crosses."""
-    from pipelines.audit_index import crossed_thresholds, write_index
+    from dualtok.pipelines.audit.index import crossed_thresholds, write_index
 
     thresholds = parse_thresholds(config.thresholds)
     if config.run_index:

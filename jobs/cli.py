@@ -18,23 +18,23 @@ import yaml
 
 import dualtok_core
 from dualtok_core.errors import DualtokError
-from pipelines.configuration import ConfigError, to_dict
-from pipelines.storage import InputListingError, StorageFault
+from dualtok.pipelines.config import ConfigError, to_dict
+from dualtok.pipelines.io.storage import InputListingError, StorageFault
 
 # subcommand -> (module under jobs/, one-line help). Modules are imported only when chosen,
 # so `dualtok --version` does not pay for importing ray and torch.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "presets": ("jobs.show_presets", "list the model presets with their parameter counts"),
-    "shards": ("jobs.make_shards", "write WebDataset shards from a folder of images or a list of paths"),
-    "demo": ("jobs.demo", "build sample shards from bundled photos and tokenize them locally (no arguments)"),
-    "tokenize": ("jobs.tokenize", "tokenize WebDataset shards into a Parquet token corpus (Ray Data)"),
-    "train": ("jobs.train", "train one stage of the tokenizer with Ray Train"),
-    "audit": ("jobs.audit", "audit how faithfully a token corpus reconstructs its images: tables + HTML report"),
-    "stats": ("jobs.stats", "corpus statistics: rows, errors, codebook usage, perplexity, duplicate token sequences"),
-    "submit": ("jobs.submit", "submit a job file to a Ray cluster's job server, once per (job, config, day)"),
-    "stack": ("jobs.local_stack", "start/stop a local Ray head with its job server and a loopback S3 endpoint"),
-    "manifests": ("jobs.manifests", "render the Kubernetes manifests (KubeRay RayCluster/RayJob/RayCronJob, CronJob)"),
-    "bundle": ("jobs.make_bundle", "assemble a bundle from released BLIP-2 / MoVQ / SD 1.x weights or a preset"),
+    "presets": ("dualtok.jobs.show_presets", "list the model presets with their parameter counts"),
+    "shards": ("dualtok.jobs.make_shards", "write WebDataset shards from a folder of images or a list of paths"),
+    "demo": ("dualtok.jobs.demo", "build sample shards from bundled photos and tokenize them locally (no arguments)"),
+    "tokenize": ("dualtok.jobs.tokenize", "tokenize WebDataset shards into a Parquet token corpus (Ray Data)"),
+    "train": ("dualtok.jobs.train", "train one stage of the tokenizer with Ray Train"),
+    "audit": ("dualtok.jobs.audit", "audit how faithfully a token corpus reconstructs its images: tables + HTML report"),
+    "stats": ("dualtok.jobs.stats", "corpus statistics: rows, errors, codebook usage, perplexity, duplicate token sequences"),
+    "submit": ("dualtok.jobs.submit", "submit a job file to a Ray cluster's job server, once per (job, config, day)"),
+    "stack": ("dualtok.jobs.local_stack", "start/stop a local Ray head with its job server and a loopback S3 endpoint"),
+    "manifests": ("dualtok.jobs.manifests", "render the Kubernetes manifests (KubeRay RayCluster/RayJob/RayCronJob, CronJob)"),
+    "bundle": ("dualtok.jobs.make_bundle", "assemble a bundle from released BLIP-2 / MoVQ / SD 1.x weights or a preset"),
 }
 
 
@@ -163,7 +163,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
     level = args.log_level or ("WARNING" if args.quiet else "DEBUG" if args.verbose >= 2 else "INFO")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verbose and not args.log_level:
-        for name in ("jobs", "pipelines", "dualtok_core"):
+        for name in ("dualtok", "dualtok_core"):
             logging.getLogger(name).setLevel(logging.DEBUG)
     args.log_level = level
 
@@ -171,7 +171,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
 def _print_config(args: argparse.Namespace) -> int:
     config_type: Any = args._config_type
     cls = config_type if isinstance(config_type, type) else config_type(args)
-    from jobs.job_config import config_from_args
+    from dualtok.jobs.config import config_from_args
 
     print(yaml.safe_dump(to_dict(config_from_args(cls, args)), sort_keys=False), end="")
     return 0

@@ -27,10 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.job_config import RayConfig, init_ray
-    from jobs.tokenize import TokenizeConfig, cpu_node_resources, plan_from_config, print_summary
-    from pipelines.sample_photos import write_sample_shards
-    from pipelines.tokenize import run_tokenize
+    from dualtok.pipelines.cluster import RayConfig, init_ray
+    from dualtok.jobs.tokenize import TokenizeConfig, cpu_node_resources, plan_from_config, print_summary
+    from dualtok.pipelines.shards.photos import write_sample_shards
+    from dualtok.pipelines.tokenize.pipeline import run_tokenize
 
     workdir = Path(args.workdir).resolve()
     shards, corpus = workdir / "shards", workdir / "corpus"

@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.job_config import StorageConfig
-from pipelines.storage import filesystem, join
+from dualtok.pipelines.io.storage import StorageConfig
+from dualtok.pipelines.io.storage import filesystem, join
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import sys
 from typing import Any
 
 from dualtok_core.errors import DualtokError
-from pipelines.configuration import ConfigError
-from pipelines.sample_photos import write_sample_shards
-from pipelines.shard_writer import (
+from dualtok.pipelines.config import ConfigError
+from dualtok.pipelines.shards.photos import write_sample_shards
+from dualtok.pipelines.shards.writer import (
     DEFAULT_PATH_COLUMN,
     ShardWriterConfig,
     ShardWriteSummary,

@@ -36,9 +36,9 @@ from typing import Any
 
 import yaml
 
-from jobs.job_config import add_config_arguments, config_from_args
-from jobs.job_kinds import KINDS, JobFile, WorkerShape, read_job_file
-from pipelines.configuration import ConfigError
+from dualtok.jobs.config import add_config_arguments, config_from_args
+from dualtok.jobs.kinds import KINDS, JobFile, WorkerShape, read_job_file
+from dualtok.pipelines.config import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.job_config import StorageConfig, add_config_arguments, config_from_args
+from dualtok.pipelines.io.storage import StorageConfig
+
+from dualtok.jobs.config import add_config_arguments, config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +39,9 @@ class StatsConfig:
 def write_statistics(corpus: str, output: str, storage_options: dict[str, Any],
                      top_duplicates: int = 10) -> dict[str, Any]:
     """Compute the statistics; when `output` is set, also commit stats.json and stats.html there."""
-    from pipelines.corpus_stats import corpus_statistics
-    from pipelines.report import render_stats_report
-    from pipelines.storage import commit_bytes, filesystem, join
+    from dualtok.pipelines.audit.stats import corpus_statistics
+    from dualtok.pipelines.audit.report import render_stats_report
+    from dualtok.pipelines.io.storage import commit_bytes, filesystem, join
 
     stats = corpus_statistics(corpus, storage_options or None, top_duplicates)
     if output:
@@ -63,7 +65,7 @@ def print_statistics(stats: dict[str, Any], output: str) -> None:
                  f"{s['dead_codes']} dead codes; ") if "vocab" in s else ""
         print(f"{name + ':':<16} {codes}{s['duplicate_rows']} duplicate rows in {s['duplicate_groups']} groups")
     if output:
-        from pipelines.storage import join
+        from dualtok.pipelines.io.storage import join
 
         print(f"report:  {join(output, STATS_REPORT)}")
 

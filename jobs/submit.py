@@ -29,8 +29,8 @@ from typing import Any
 
 import yaml
 
-from jobs.job_kinds import JobFile, read_job_file
-from pipelines.configuration import ConfigError
+from dualtok.jobs.kinds import JobFile, read_job_file
+from dualtok.pipelines.config import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -25,16 +25,19 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from jobs.job_checks import BUNDLE_REQUIRED, EXIT_TOO_MANY_ERRORS, check_bundle, check_output, too_many_errors
-from jobs.job_config import RayConfig, StorageConfig, add_config_arguments, config_from_args, init_ray
-from pipelines.configuration import to_dict
-from pipelines.decode import DecodeConfig
-from pipelines.lease import LeaseConfig, LeaseLostError
-from pipelines.progress import TerminalProgress, format_duration, quiet_ray_data
-from pipelines.shards import ShardLimits
-from pipelines.stages import BundleSource, StageResources
-from pipelines.storage import list_shard_objects
-from pipelines.tokenize import RunSummary, TokenizePlan, run_tokenize
+
+from dualtok.jobs.checks import EXIT_TOO_MANY_ERRORS, check_bundle, check_output, too_many_errors
+from dualtok.pipelines.cluster import RayConfig, init_ray
+from dualtok.pipelines.io.storage import StorageConfig
+from dualtok.jobs.config import add_config_arguments, config_from_args
+from dualtok.pipelines.config import BUNDLE_REQUIRED, to_dict
+from dualtok.pipelines.io.decode import DecodeConfig
+from dualtok.pipelines.io.lease import LeaseConfig, LeaseLostError
+from dualtok.pipelines.progress import TerminalProgress, format_duration, quiet_ray_data
+from dualtok.pipelines.io.shards import ShardLimits
+from dualtok.pipelines.actors import BundleSource, StageResources
+from dualtok.pipelines.io.storage import list_shard_objects
+from dualtok.pipelines.tokenize.pipeline import RunSummary, TokenizePlan, run_tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +243,7 @@ def _input_size(source: BundleSource, streams: str) -> int:
 def _bundle_input_sizes(source: BundleSource) -> dict[str, int]:
     import json
 
-    from pipelines.storage import filesystem, join
+    from dualtok.pipelines.io.storage import filesystem, join
 
     sizes = {}
     for part, default in (("guide", 256), ("semantic", 224)):

@@ -27,9 +27,9 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from dualtok_core.bundle import BundleInfo, DualTokenizer
 from dualtok_core.guide import PRESETS as GUIDE_PRESETS
 from dualtok_core.guide import GuideVQModel
-from jobs.cli import main as cli
-from pipelines import schemas as S
-from pipelines.sample_photos import write_sample_shards
+from dualtok.jobs.cli import main as cli
+from dualtok.pipelines.io import schemas as S
+from dualtok.pipelines.shards.photos import write_sample_shards
 from tests.shard_factory import encode, photo_images, sample_members, tar_bytes
 
 pytestmark = pytest.mark.timeout(900)
@@ -299,7 +299,7 @@ def test_stats_only_equals_a_direct_pyarrow_computation(world):
 
 # ---- pieces, without Ray -----------------------------------------------------------------------
 def test_sample_is_seeded_nested_and_independent_of_everything_else(world):
-    from pipelines.audit_sample import SampleSpec, committed_markers, select_rows
+    from dualtok.pipelines.audit.sample import SampleSpec, committed_markers, select_rows
 
     corpus, options = f"{world['root']}/corpus", None
     markers = committed_markers(corpus, options)
@@ -317,7 +317,7 @@ def test_sample_is_seeded_nested_and_independent_of_everything_else(world):
 def test_mean_interval_is_the_student_t_interval():
     from scipy import stats
 
-    from pipelines.audit_summary import mean_interval
+    from dualtok.pipelines.audit.summary import mean_interval
 
     values = np.array([21.5, 23.0, 19.25, 25.0, 22.0, np.inf])
     got = mean_interval(values)
@@ -329,8 +329,8 @@ def test_mean_interval_is_the_student_t_interval():
 
 
 def test_audit_config_rejects_what_it_cannot_do():
-    from jobs.audit import AuditConfig
-    from pipelines.configuration import ConfigError, load_config
+    from dualtok.jobs.audit import AuditConfig
+    from dualtok.pipelines.config import ConfigError, load_config
 
     base = ["corpus=s3://b/c", "output=s3://b/a"]
     config = load_config(AuditConfig, None, [*base, "reconstruct.batch_size=8", "variants=[dual]", "sample_fraction=0.1"])
@@ -344,8 +344,8 @@ def test_audit_config_rejects_what_it_cannot_do():
 
 
 def test_fetch_originals_reports_missing_changed_and_absent_sources(tmp_path):
-    from pipelines.audit_stages import FAILED, OK, FetchOriginals
-    from pipelines.decode import DecodeConfig, decode_image
+    from dualtok.pipelines.audit.stages import FAILED, OK, FetchOriginals
+    from dualtok.pipelines.io.decode import DecodeConfig, decode_image
 
     images = [encode(im) for im in photo_images(2, seed=1)]
     shard = tmp_path / "a.tar"
@@ -368,7 +368,7 @@ def _perceptual_weights(folder: Path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from dualtok_core.diffusion import byte_level_clip_tokenizer
-    from pipelines.perceptual import PerceptualWeights, _alexnet_features
+    from dualtok.pipelines.audit.perceptual import PerceptualWeights, _alexnet_features
 
     torch.manual_seed(0)
     torch.save({f"features.{k}": v for k, v in _alexnet_features().state_dict().items()}, folder / "alexnet.pth")
@@ -413,10 +413,10 @@ def _reference_lpips(weights, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_score_reconstruction_metrics_images_and_learned_metrics(tmp_path):
-    from pipelines.audit_scoring import ScoreReconstruction, ScoreSettings
-    from pipelines.audit_stages import FAILED, VariantSpec
-    from pipelines.decode import square_resize
-    from pipelines.stages import StageResources
+    from dualtok.pipelines.audit.scoring import ScoreReconstruction, ScoreSettings
+    from dualtok.pipelines.audit.stages import FAILED, VariantSpec
+    from dualtok.pipelines.io.decode import square_resize
+    from dualtok.pipelines.actors import StageResources
 
     weights = _perceptual_weights(tmp_path)
     originals = np.stack([square_resize(Image.fromarray(im), 128) for im in photo_images(3, seed=2)])

@@ -11,10 +11,10 @@ import traceback
 import pytest
 import yaml
 
-from jobs.job_config import StorageConfig
-from jobs.tokenize import TokenizeConfig
-from pipelines.configuration import ConfigError, SecretStr, load_config, to_dict
-from pipelines.storage import revealed
+from dualtok.pipelines.io.storage import StorageConfig
+from dualtok.jobs.tokenize import TokenizeConfig
+from dualtok.pipelines.config import ConfigError, SecretStr, load_config, to_dict
+from dualtok.pipelines.io.storage import revealed
 
 
 def test_yaml_and_overrides_map_onto_the_typed_config(tmp_path):
@@ -97,11 +97,11 @@ def test_no_plan_repr_or_stored_train_state_shows_a_credential(tmp_path):
     stores `train_loop_config` in its run state (its own sanitiser: str() of each value)."""
     from ray.train.v2._internal.state.schema import _to_json_serializable_value
 
-    from jobs.audit import AuditConfig
-    from jobs.audit import plan_from_config as audit_plan
-    from jobs.tokenize import plan_from_config as tokenize_plan
-    from jobs.train import STAGE_CONFIGS
-    from jobs.train_plan import plan_training
+    from dualtok.jobs.audit import AuditConfig
+    from dualtok.jobs.audit import plan_from_config as audit_plan
+    from dualtok.jobs.tokenize import plan_from_config as tokenize_plan
+    from dualtok.pipelines.train.config import STAGE_CONFIGS
+    from dualtok.pipelines.train.plan import plan_training
 
     creds = [f"storage.key={KEY}", f"storage.secret={SECRET}"]
     tokenize = tokenize_plan(load_config(TokenizeConfig, None, ["inputs=[a.tar]", "output=o", "bundle=tiny", *creds]))
@@ -119,16 +119,16 @@ def test_no_plan_repr_or_stored_train_state_shows_a_credential(tmp_path):
 
 
 def test_cli_version_and_presets():
-    version = subprocess.run([sys.executable, "-m", "jobs.cli", "--version"], capture_output=True, text=True)
+    version = subprocess.run([sys.executable, "-m", "dualtok.jobs.cli", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("dualtok 0.")
-    presets = subprocess.run([sys.executable, "-m", "jobs.cli", "presets"], capture_output=True, text=True)
+    presets = subprocess.run([sys.executable, "-m", "dualtok.jobs.cli", "presets"], capture_output=True, text=True)
     assert presets.returncode == 0
     assert [line.split()[0] for line in presets.stdout.splitlines() if not line.startswith(" ")] == [
         "tiny", "small", "paper"]
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "jobs.cli", "tokenize", "inputs=[a.tar]", "output=o", "typo=1"],
+    result = subprocess.run([sys.executable, "-m", "dualtok.jobs.cli", "tokenize", "inputs=[a.tar]", "output=o", "typo=1"],
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "unknown config key 'typo'" in result.stderr and "Traceback" not in result.stderr
@@ -139,7 +139,7 @@ def _tokenize_default(section: str, key: str) -> object:
 
 
 def test_a_scalar_key_given_twice_fails_naming_both_values_and_a_list_key_appends(tmp_path, capsys):
-    from jobs.cli import main
+    from dualtok.jobs.cli import main
 
     code = main(["tokenize", "inputs=a.tar", "output=s3://b/00000", "output=s3://b/00001", "bundle=tiny"])
     err = capsys.readouterr().err
@@ -157,8 +157,8 @@ def test_a_scalar_key_given_twice_fails_naming_both_values_and_a_list_key_append
 
 
 def test_help_lists_every_key_with_type_default_and_meaning(capsys):
-    from jobs.cli import main
-    from pipelines.configuration import config_keys
+    from dualtok.jobs.cli import main
+    from dualtok.pipelines.config import config_keys
 
     with pytest.raises(SystemExit) as done:
         main(["tokenize", "--help"])
@@ -178,7 +178,7 @@ def test_help_lists_every_key_with_type_default_and_meaning(capsys):
 def test_print_config_prints_the_resolved_yaml_in_either_dialect_without_ray(capsys):
     import ray
 
-    from jobs.cli import main
+    from dualtok.jobs.cli import main
 
     ray_before = ray.is_initialized()  # the session's Ray may run already: printing must not start one
     code = main(["tokenize", "inputs=a.tar", "--output", "s3://b/corpus", "--encoder.batch_size=8", "--storage.anon",
@@ -201,7 +201,7 @@ def test_a_misspelt_key_gets_a_suggestion():
 
 
 def test_flag_commands_take_key_value_and_global_flags_go_anywhere(tmp_path, capsys):
-    from jobs.cli import main, parse_args
+    from dualtok.jobs.cli import main, parse_args
 
     args = parse_args(["shards", "sample_photos=2", f"output={tmp_path}", "per_shard=1", "overwrite=true", "-q"])
     shown = (args.output, args.sample_photos, args.per_shard, args.overwrite, args.quiet)
@@ -218,7 +218,7 @@ def test_flag_commands_take_key_value_and_global_flags_go_anywhere(tmp_path, cap
 
 @pytest.mark.parametrize("text", [None, "- a.tar\n- b.tar\n"])
 def test_a_missing_or_non_mapping_config_file_is_one_line(text, tmp_path, capsys):
-    from jobs.cli import main
+    from dualtok.jobs.cli import main
 
     path = tmp_path / "job.yaml"
     if text is not None:

@@ -21,12 +21,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import main as cli
-from pipelines import schemas as S
-from pipelines.corpus import CorpusLayout, CorpusWriter
-from pipelines.corpus_identity import CORPUS_FILE, assign_shard_ids, read_input_root
-from pipelines.lease import LEASE_FILE, Lease, LeaseConfig, LeaseHeldError, LeaseLostError, read_lease
-from pipelines.storage import ShardIdentityError
+from dualtok.jobs.cli import main as cli
+from dualtok.pipelines.io import schemas as S
+from dualtok.pipelines.io.corpus import CorpusLayout, CorpusWriter
+from dualtok.pipelines.io.shard_ids import CORPUS_FILE, assign_shard_ids, read_input_root
+from dualtok.pipelines.io.lease import LEASE_FILE, Lease, LeaseConfig, LeaseHeldError, LeaseLostError, read_lease
+from dualtok.pipelines.io.storage import ShardIdentityError
 from tests.conftest import S3_TEST_ENV
 from tests.shard_factory import encode, photo_images, sample_members, tar_bytes
 from tests.test_tokenize import _writer_batch
@@ -201,7 +201,7 @@ def test_the_heartbeat_keeps_a_short_lease_alive(output):
 
 _HOLDER = """
 import sys
-from pipelines.lease import Lease, LeaseConfig, LeaseLostError
+from dualtok.pipelines.io.lease import Lease, LeaseConfig, LeaseLostError
 lease = Lease(sys.argv[1], "run-child", LeaseConfig(ttl_s=3.0))
 lease.acquire()
 print("held", flush=True)
@@ -228,7 +228,7 @@ def test_an_expired_lease_is_taken_over_and_its_stalled_holder_stops(output, cap
         holder.send_signal(signal.SIGSTOP)  # a holder that stops renewing: a hung or partitioned driver
         with pytest.raises(LeaseHeldError, match="run run-child"):
             Lease(output, "run-next").acquire()
-        with caplog.at_level(logging.WARNING, logger="pipelines.lease"):
+        with caplog.at_level(logging.WARNING, logger="dualtok.pipelines.io.lease"):
             taker = Lease(output, "run-next", LeaseConfig(ttl_s=30, wait_s=10))
             taker.acquire()  # waits for the child's lease to expire, then takes it over
         assert any("took over the lease of run run-child" in r.getMessage() and r.getMessage().endswith("it expired")
@@ -261,7 +261,7 @@ def test_the_lease_of_a_killed_run_on_this_machine_is_taken_over_at_once(tmp_pat
             time.sleep(0.01)
     try:
         assert read_lease(output)["run_id"] == "run-child"  # a killed run cannot release it
-        with caplog.at_level(logging.WARNING, logger="pipelines.lease"):
+        with caplog.at_level(logging.WARNING, logger="dualtok.pipelines.io.lease"):
             with Lease(output, "run-next"):  # wait_s=0: no waiting
                 assert read_lease(output)["run_id"] == "run-next"
         assert any(f"its process {pid} on this machine has exited" in r.getMessage() for r in caplog.records)
@@ -311,7 +311,7 @@ def test_two_concurrent_tokenize_drivers_one_output(ray_session, tmp_path, capsy
         data, keys = shard_bytes(f"s{s}", 3, seed=20 + s)
         (shards / f"{s:05d}.tar").write_bytes(data)
         expected += keys
-    command = [sys.executable, "-m", "jobs.cli", "--log-level", "WARNING", "tokenize", f"inputs={shards}",
+    command = [sys.executable, "-m", "dualtok.jobs.cli", "--log-level", "WARNING", "tokenize", f"inputs={shards}",
                f"output={out}", "bundle=tiny", "streams=guide", "encoder.batch_size=1"]
     first = subprocess.Popen(command, env={**os.environ, "RAY_ADDRESS": ray_session}, cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

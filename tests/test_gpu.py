@@ -22,7 +22,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
-    from pipelines.decode import DecodeConfig, decode_image
+    from dualtok.pipelines.io.decode import DecodeConfig, decode_image
     from tests.shard_factory import encode
 
     return np.stack([decode_image(encode(im), DecodeConfig(size=256)).pixels for im in photo_images(16, seed=1)])
@@ -50,8 +50,8 @@ def test_detokenize_on_cuda_is_seeded(images):
 def test_tokenize_pipeline_on_gpu_actors(ray_session, tmp_path):
     import pyarrow.parquet as pq
 
-    from jobs.cli import main as cli
-    from pipelines.sample_photos import write_sample_shards
+    from dualtok.jobs.cli import main as cli
+    from dualtok.pipelines.shards.photos import write_sample_shards
 
     write_sample_shards(str(tmp_path / "shards"), count=32, per_shard=8)
     assert cli(["tokenize", f"inputs={tmp_path / 'shards'}", f"output={tmp_path / 'corpus'}", "bundle=small",

@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import schemas as S
-from pipelines.decode import DecodeConfig, DecodeError, decode_image
-from pipelines.read_stages import DecodeImages, ReadShards
-from pipelines.shards import ShardLimits, ShardReader
+from dualtok.pipelines.io import schemas as S
+from dualtok.pipelines.io.decode import DecodeConfig, DecodeError, decode_image
+from dualtok.pipelines.io.read import DecodeImages, ReadShards
+from dualtok.pipelines.io.shards import ShardLimits, ShardReader
 from tests.shard_factory import (
     IMAGE_FORMATS, blocks_tar, encode, members_blocks, mutate, photo_images, png_with_ztxt,
     sample_members, sparse_member, special_member, tar_bytes,
@@ -122,7 +122,7 @@ def test_16_bit_8000x8000_png_decodes_within_its_caps(tmp_path):
     # the pytest process's size when the child was forked from it.
     script = (
         "import re, sys, numpy as np\n"
-        "from pipelines.decode import DecodeConfig, decode_image, DecodeError\n"
+        "from dualtok.pipelines.io.decode import DecodeConfig, decode_image, DecodeError\n"
         f"data = open({str(path)!r}, 'rb').read()\n"
         "out = decode_image(data, DecodeConfig(size=64))\n"
         "try:\n"
@@ -142,7 +142,7 @@ def test_16_bit_8000x8000_png_decodes_within_its_caps(tmp_path):
 
 
 def test_sixteen_bit_scaling_is_exact_integer_rounding():
-    from pipelines.decode import _to_uint8
+    from dualtok.pipelines.io.decode import _to_uint8
 
     values = np.array([0, 1, 128, 129, 257, 32767, 32768, 65534, 65535], dtype=np.uint16)
     expected = np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
@@ -319,7 +319,7 @@ def s3_options(s3) -> dict:
 
 
 def test_a_shard_deleted_between_listing_and_reading_fails_as_a_storage_fault(s3, good_jpeg):
-    from pipelines.storage import list_shards
+    from dualtok.pipelines.io.storage import list_shards
 
     fs, bucket = s3.filesystem(), s3.new_bucket()
     fs.pipe_file(f"{bucket}/in/a.tar", blocks_tar(five_samples(good_jpeg)))
@@ -356,7 +356,7 @@ def test_a_fault_mid_shard_is_retried_without_passing_a_row_twice(s3, good_jpeg,
     fs.pipe_file(path, original)
     changed = tar_bytes([(f"s{i}.jpg", good_jpeg) for i in range(7)])
     handler = _OnRetry(lambda: fs.pipe_file(path, changed if rewrite else original))
-    logging.getLogger("pipelines.read_stages").addHandler(handler)
+    logging.getLogger("dualtok.pipelines.io.read").addHandler(handler)
     try:
         read = ReadShards(s3_options(s3), rows_per_batch=2, storage_retries=3, retry_seconds=0.01)
         batches = []
@@ -365,7 +365,7 @@ def test_a_fault_mid_shard_is_retried_without_passing_a_row_twice(s3, good_jpeg,
             if len(batches) == 1:
                 fs.rm(path)  # the object goes away while the stage is part-way through it
     finally:
-        logging.getLogger("pipelines.read_stages").removeHandler(handler)
+        logging.getLogger("dualtok.pipelines.io.read").removeHandler(handler)
     rows = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
     end = end_rows(rows)["a"]
     assert handler.calls == 1 and end[S.SHARD_RETRIES] == 1
@@ -417,9 +417,9 @@ def write_fuzz_shards(root, good: bytes) -> dict[str, tuple[int, str | None]]:
 
 
 def run_pipeline(inputs: str, output: str, batch_size: int, read_actors: int, **image):
-    from jobs.tokenize import ImageConfig, TokenizeConfig, plan_from_config
-    from pipelines.stages import StageResources
-    from pipelines.tokenize import run_tokenize
+    from dualtok.jobs.tokenize import ImageConfig, TokenizeConfig, plan_from_config
+    from dualtok.pipelines.actors import StageResources
+    from dualtok.pipelines.tokenize.pipeline import run_tokenize
 
     config = TokenizeConfig(inputs=[inputs], output=output, bundle="tiny", streams="guide",
                             encoder=StageResources(batch_size=batch_size), read_actors=read_actors,

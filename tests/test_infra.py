@@ -20,14 +20,14 @@ import pytest
 import ray
 import yaml
 
-from jobs.cli import build_parser
-from jobs.cli import main as cli
-from jobs.job_kinds import KINDS, read_job_file
-from jobs.manifests import (
+from dualtok.jobs.cli import build_parser
+from dualtok.jobs.cli import main as cli
+from dualtok.jobs.kinds import KINDS, read_job_file
+from dualtok.jobs.manifests import (
     CONFIG_DIR, ManifestsConfig, Schedule, autoscaler_account, job_server_address, render, schedule_period_s,
     scheduled_deadline, stale_files, worker_account,
 )
-from pipelines.configuration import ConfigError, load_config
+from dualtok.pipelines.config import ConfigError, load_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -294,7 +294,7 @@ def test_no_pod_running_job_code_holds_a_kubernetes_api_token():
 
 
 def test_the_nightly_tokenize_job_names_the_root_its_shard_ids_are_relative_to(tmp_path):
-    from jobs.tokenize import TokenizeConfig
+    from dualtok.jobs.tokenize import TokenizeConfig
 
     config = load_config(TokenizeConfig, _config_file(f"{CONFIG_DIR}/tokenize.yaml", tmp_path))
     assert config.input_root == "s3://dualtok-data/shards/"

@@ -14,23 +14,24 @@ from pathlib import Path
 
 import pytest
 
-from jobs.job_checks import BUNDLE_REQUIRED, EXIT_TOO_MANY_ERRORS
-from jobs.tokenize import TokenizeConfig, default_resources, resolve_resources
-from pipelines.configuration import load_config
-from pipelines.stages import StageResources
+
+from dualtok.jobs.checks import EXIT_TOO_MANY_ERRORS
+from dualtok.jobs.tokenize import TokenizeConfig, default_resources, resolve_resources
+from dualtok.pipelines.config import BUNDLE_REQUIRED, load_config
+from dualtok.pipelines.actors import StageResources
 from tests.shard_factory import encode, photo_images, sample_members, tar_bytes
 
 REPO = Path(__file__).parents[1]
 
-# Runs every case through `jobs.cli.main` in ONE fresh interpreter (one import of torch and ray,
+# Runs every case through `dualtok.jobs.cli.main` in ONE fresh interpreter (one import of torch and ray,
 # not one per case, and before the clock starts: a loaded machine makes imports slow, not Ray) and
 # reports, per case, the exit code, stderr, the seconds it took and whether Ray was started: every
 # check must come before `init_ray`.
 _RUNNER = """
 import contextlib, io, json, sys, time
 import ray, ray.job_submission
-import jobs.audit, jobs.submit, jobs.tokenize, jobs.train
-from jobs.cli import main
+import dualtok.jobs.audit, dualtok.jobs.submit, dualtok.jobs.tokenize, dualtok.jobs.train
+from dualtok.jobs.cli import main
 results = []
 for argv in json.loads(sys.argv[1]):
     err = io.StringIO()
@@ -132,7 +133,7 @@ def test_resources_the_user_sets_are_kept():
 def test_a_run_where_every_sample_is_bad_commits_and_exits_4(ray_session, tmp_path, capsys, caplog):
     """Also the run a scheduler reads: with --json, one JSON object is the whole of stdout; Ray Data's
     progress block is off and the pipeline logs one line per committed shard with its rate and ETA."""
-    from jobs.cli import main as cli
+    from dualtok.jobs.cli import main as cli
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -140,7 +141,7 @@ def test_a_run_where_every_sample_is_bad_commits_and_exits_4(ray_session, tmp_pa
     (shards / "00000.tar").write_bytes(tar_bytes(members))
     out = tmp_path / "corpus"
     started = time.monotonic()
-    caplog.set_level("INFO", logger="pipelines")
+    caplog.set_level("INFO", logger="dualtok.pipelines")
     code = cli(["tokenize", f"inputs={shards}", f"output={out}", "bundle=tiny", "streams=guide", "encoder.actors=1",
                 "--json"])
     printed = capsys.readouterr()
@@ -162,7 +163,7 @@ def test_a_run_where_every_sample_is_bad_commits_and_exits_4(ray_session, tmp_pa
 
 
 def test_training_leaves_a_cpu_for_its_read_tasks():
-    from jobs.train import STAGE_CONFIGS, training_cpus
+    from dualtok.pipelines.train.config import STAGE_CONFIGS, training_cpus
 
     base = ["inputs=s3://b/shards/", "bundle=tiny", "output=/tmp/out", "storage_path=/tmp/runs"]
     laptop = load_config(STAGE_CONFIGS["guide"], None, [*base, "num_workers=2"])
@@ -176,8 +177,8 @@ def test_training_paths_are_absolute_for_the_workers(tmp_path, monkeypatch):
     """Ray's workers run in another folder: a relative storage_path or bundle must not move with them
     (metrics.jsonl stayed empty and a `bundle=bundles/guide` stage could not load its bundle)."""
     from dualtok_core.bundle import DualTokenizer
-    from jobs.train import STAGE_CONFIGS
-    from jobs.train_plan import plan_training
+    from dualtok.pipelines.train.config import STAGE_CONFIGS
+    from dualtok.pipelines.train.plan import plan_training
 
     monkeypatch.chdir(tmp_path)
     DualTokenizer.from_preset("tiny", parts=("guide",)).save_pretrained(tmp_path / "bundles" / "start")

@@ -14,8 +14,8 @@ from transformers import Blip2ForImageTextRetrieval
 from dualtok_core.bundle import RANDOM_INIT, DualTokenizer
 from dualtok_core.errors import BundleError
 from dualtok_core.pretrained import assemble_bundle, random_prefixes
-from jobs.cli import main as cli
-from jobs.make_bundle import fetch_checkpoint
+from dualtok.jobs.cli import main as cli
+from dualtok.jobs.make_bundle import fetch_checkpoint
 from tests.released_formats import save_blip2, save_movq, tiny_stable_diffusion
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]

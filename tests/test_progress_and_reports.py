@@ -10,11 +10,11 @@ import re
 import numpy as np
 import pytest
 
-from pipelines import report_html as H
-from pipelines.audit_index import crossed_thresholds, parse_thresholds, render_index
-from pipelines.corpus_stats import StreamCounter, corpus_fingerprint
-from pipelines.progress import Progress, TerminalProgress, format_duration, format_progress
-from pipelines.svg_plots import rank_frequency
+from dualtok.pipelines.audit import html as H
+from dualtok.pipelines.audit.index import crossed_thresholds, parse_thresholds, render_index
+from dualtok.pipelines.audit.stats import StreamCounter, corpus_fingerprint
+from dualtok.pipelines.progress import Progress, TerminalProgress, format_duration, format_progress
+from dualtok.pipelines.audit.svg import rank_frequency
 
 
 # ---- progress --------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from transformers import PreTrainedTokenizerFast
 
 from dualtok_core.errors import TokenInputError
 from dualtok_core.sequences import SequenceContract, extend_tokenizer
-from pipelines import schemas as S
-from pipelines.sequence_loader import TokenSequenceDataset, collate_sequences
+from dualtok.pipelines.io import schemas as S
+from dualtok.pipelines.sequences.loader import TokenSequenceDataset, collate_sequences
 
 CAPTIONS = ["a cat on a mat", "a dog in the fog", "two birds over the sea", "an old red car"]
 GUIDE_LEN, GUIDE_VOCAB, SEMANTIC_LEN, SEMANTIC_VOCAB = 4, 64, 3, 32

@@ -21,10 +21,10 @@ from fsspec.spec import AbstractFileSystem
 from PIL import Image
 
 from dualtok_core.errors import DualtokError
-from jobs.cli import main as cli_main
-from pipelines.configuration import ConfigError
-from pipelines.sample_photos import encode_jpeg, sample_photos, write_sample_shards
-from pipelines.shard_writer import (
+from dualtok.jobs.cli import main as cli_main
+from dualtok.pipelines.config import ConfigError
+from dualtok.pipelines.shards.photos import encode_jpeg, sample_photos, write_sample_shards
+from dualtok.pipelines.shards.writer import (
     ShardWriterConfig,
     sample_key,
     sources_from_folder,

@@ -15,14 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import main as cli
-from jobs.tokenize import TokenizeConfig, plan_from_config
-from pipelines import schemas as S
-from pipelines.corpus import CorpusLayout, CorpusWriter
-from pipelines.stages import StageResources
-from pipelines.storage import (InputListingError, ShardObject, StorageFault, filesystem, list_shard_objects,
+from dualtok.jobs.cli import main as cli
+from dualtok.jobs.tokenize import TokenizeConfig, plan_from_config
+from dualtok.pipelines.io import schemas as S
+from dualtok.pipelines.io.corpus import CorpusLayout, CorpusWriter
+from dualtok.pipelines.actors import StageResources
+from dualtok.pipelines.io.storage import (InputListingError, ShardObject, StorageFault, filesystem, list_shard_objects,
                                list_shards, object_version)
-from pipelines.tokenize import _still_committed, run_tokenize
+from dualtok.pipelines.tokenize.pipeline import _still_committed, run_tokenize
 from tests.conftest import S3_TEST_ENV
 from tests.fault_proxy import Fault, FaultProxy
 from tests.shard_factory import encode, photo_images, sample_members, tar_bytes

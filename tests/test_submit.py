@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from jobs.job_kinds import read_job_file
-from jobs.submit import auth_headers, job_client, plan_submission
-from pipelines import schemas as S
-from pipelines.configuration import ConfigError
-from pipelines.sample_photos import write_sample_shards
+from dualtok.jobs.kinds import read_job_file
+from dualtok.jobs.submit import auth_headers, job_client, plan_submission
+from dualtok.pipelines.io import schemas as S
+from dualtok.pipelines.config import ConfigError
+from dualtok.pipelines.shards.photos import write_sample_shards
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -100,7 +100,7 @@ def test_explicit_address_must_agree_with_rays_address_env(monkeypatch):
 
 # ---- the local stack, end to end -------------------------------------------------------------------
 def _dualtok(*args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], env=env, cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dualtok.jobs.cli", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -119,7 +119,7 @@ def _alive(pgid: int) -> bool:
 
 
 def test_stack_down_stops_its_process_groups_and_nothing_else(tmp_path, processes):
-    from jobs.local_stack import StackState, down
+    from dualtok.jobs.local_stack import StackState, down
 
     stranger = processes.start(["sleep", "60"])  # a recycled pid: not the Ray head
     # "our" server: a leader that exits on SIGTERM and leaves a child behind in its process group

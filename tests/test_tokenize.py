@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from dualtok_core.bundle import DualTokenizer
-from jobs.cli import main as cli
-from pipelines import schemas as S
-from pipelines.decode import DecodeConfig, decode_image
+from dualtok.jobs.cli import main as cli
+from dualtok.pipelines.io import schemas as S
+from dualtok.pipelines.io.decode import DecodeConfig, decode_image
 from tests.shard_factory import encode, photo_images, sample_members, tar_bytes
 
 pytestmark = pytest.mark.timeout(600)
@@ -198,7 +198,7 @@ def _writer_batch(rows: list[tuple[str, str, int]], shard_samples: dict[str, int
 
 
 def test_corpus_writer_commits_each_sample_once_in_index_order(tmp_path):
-    from pipelines.corpus import CorpusLayout, CorpusWriter
+    from dualtok.pipelines.io.corpus import CorpusLayout, CorpusWriter
 
     layout = CorpusLayout(str(tmp_path / "corpus"), 4, 2, {"bundle_fingerprint": "f0"})
     writer = CorpusWriter(layout, {"a": "file:///a.tar", "b": "file:///b.tar"}, "run-1")
@@ -223,7 +223,7 @@ def test_corpus_writer_commits_each_sample_once_in_index_order(tmp_path):
 
 
 def test_shard_with_no_decodable_image_commits_an_empty_data_file(tmp_path):
-    from pipelines.corpus import CorpusLayout, CorpusWriter
+    from dualtok.pipelines.io.corpus import CorpusLayout, CorpusWriter
 
     writer = CorpusWriter(CorpusLayout(str(tmp_path / "corpus"), 4, 2, {}), {}, "run-1")
     [marker] = writer.add(_writer_batch([(S.ERROR, "a", 0), (S.END, "a", -1)], {"a": 1}))
@@ -232,7 +232,8 @@ def test_shard_with_no_decodable_image_commits_an_empty_data_file(tmp_path):
 
 
 def test_encoder_stage_tokens_only_sample_rows_and_drops_images(tiny_tokenizer, one_thread):
-    from pipelines.stages import BundleSource, EncodeTokens, StageResources
+    from dualtok.pipelines.actors import BundleSource, StageResources
+    from dualtok.pipelines.tokenize.encode import EncodeTokens
 
     # the stage sets torch's thread count, as it does in an actor; `one_thread` restores it afterwards
 
@@ -254,7 +255,7 @@ def test_encoder_stage_tokens_only_sample_rows_and_drops_images(tiny_tokenizer, 
 
 @pytest.mark.parametrize("cpus", [1, 2, 3, 16, 64])
 def test_cpu_node_resources_fill_the_machine_without_oversubscribing_it(cpus):
-    from jobs.tokenize import cpu_node_resources
+    from dualtok.jobs.tokenize import cpu_node_resources
 
     read_cpus, encoder = cpu_node_resources(cpus)
     reserved = read_cpus + encoder.actors * encoder.cpus_per_actor

@@ -17,8 +17,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import main as cli
-from pipelines.sample_photos import write_sample_shards
+from dualtok.jobs.cli import main as cli
+from dualtok.pipelines.shards.photos import write_sample_shards
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
@@ -42,7 +42,7 @@ def clean_corpus(ray_session, shards, tmp_path_factory):
 def tokenize_command(shards: Path, out: Path) -> list[str]:
     # One read actor (the default) and batch size 1: shards finish one after another, so a kill
     # lands part-way through the run.
-    return [sys.executable, "-m", "jobs.cli", "--log-level", "WARNING", "tokenize", f"inputs={shards}",
+    return [sys.executable, "-m", "dualtok.jobs.cli", "--log-level", "WARNING", "tokenize", f"inputs={shards}",
             f"output={out}", "bundle=tiny", "encoder.batch_size=1"]
 
 

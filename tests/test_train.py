@@ -22,17 +22,18 @@ from dualtok_core.errors import BundleError, DualtokError
 from dualtok_core.imaging import to_model_input
 from dualtok_core.semantic import STAGE_TRAINABLE
 from dualtok_core.training import LRSchedule, build_optimizer, build_scheduler, optimizer_step
-from dualtok_core.training_stages import STAGES, CodebookStage, CodeUsage, QFormerStage
-from jobs.cli import main as cli
-from jobs.train import STAGE_CONFIGS, train
-from jobs.train_state import (
+from dualtok_core.training_stages import STAGES, CodebookStage, CodeUsage, QFormerStage, StageContext, tokenize_captions
+from dualtok.jobs.cli import main as cli
+from dualtok.pipelines.train.config import STAGE_CONFIGS
+from dualtok.pipelines.train.run import train
+from dualtok.pipelines.train.state import (
     TEXT_TOKENIZER_DIR, RunLayout, apply_training_state, capture_training_state, read_checkpoint, rng_state,
     save_checkpoint,
 )
-from pipelines import schemas as S
-from pipelines.configuration import ConfigError, load_config
-from pipelines.sample_photos import BASE_PHOTOS, sample_photos, write_sample_shards
-from pipelines.training_data import KeepTrainingSamples, tokenize_captions
+from dualtok.pipelines.io import schemas as S
+from dualtok.pipelines.config import ConfigError, load_config
+from dualtok.pipelines.shards.photos import BASE_PHOTOS, sample_photos, write_sample_shards
+from dualtok.pipelines.train.data import KeepTrainingSamples
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -199,13 +200,20 @@ def test_ray_storage_goes_through_fsspec_for_object_stores(s3, tmp_path):
 def test_stage_lowers_its_loss_on_a_fixed_batch_and_trains_only_its_parts(
     name, photos, text_tokenizer, tiny, one_thread
 ):
+    from transformers import AutoTokenizer
+
     cls = STAGES[name]
     model = fresh_branch(cls.part)
     torch.manual_seed(0)
-    stage = cls(model)
+    # Built and fed as the Ray Train worker does: the stage declares its parts and its inputs.
+    context = StageContext(text_tokenizer=AutoTokenizer.from_pretrained(str(text_tokenizer)), model=model)
+    stage = cls.from_bundle(tiny, context)
     # The guide trains at 2 images (its encoder runs at 256 px) with a dead-code restart each
     # step: without it the codebook trails the fast-moving encoder and the VQ terms grow.
-    batch = fixed_batch(name, stage, photos[:2] if name == "guide" else photos, text_tokenizer, tiny.part("diffusion"))
+    used = photos[:2] if name == "guide" else photos
+    batch = stage.inputs(images_at(used, stage.image_size), [caption for _, _, caption in used])
+    assert set(batch) == {"images", "input_ids", "attention_mask"} if name == "qformer" else \
+        set(batch) == ({"images", "target"} if name == "reverse" else {"images"})
     trains = (lambda part: True) if name == "guide" else (lambda part: part in STAGE_TRAINABLE[name])
     frozen_before = state_by_prefix(model, lambda part: not trains(part))
     trained_before = state_by_prefix(model, trains)
@@ -216,7 +224,7 @@ def test_stage_lowers_its_loss_on_a_fixed_batch_and_trains_only_its_parts(
     for _ in range(8 if name == "guide" else 12):
         result = optimizer_step(stage, optimizer, scheduler, [batch], max_grad_norm=1.0)
         losses.append(result.loss)
-        assert set(result.terms) == set(S.TRAIN_LOSS_TERMS[name])
+        assert set(result.terms) == set(cls.loss_terms)
         if usage is not None:
             usage.update(result.ids)
             with torch.no_grad():
@@ -274,7 +282,7 @@ def _ddp_qformer_gradients(rank: int, port: int, batch: dict, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from jobs.train_worker import all_gather_with_grad
+    from dualtok.pipelines.train.worker import all_gather_with_grad
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -320,8 +328,8 @@ def test_contrastive_gradients_under_ddp_equal_the_single_process_global_batch(p
 def test_guide_from_movq_weights_trains_and_exports_with_the_other_parts_unchanged(
     tmp_path, tiny, photos, one_thread
 ):
-    from jobs.train_state import ExportRequest, branch_for_stage, export_bundle
-    from pipelines.stages import BundleSource
+    from dualtok.pipelines.train.state import ExportRequest, branch_for_stage, export_bundle
+    from dualtok.pipelines.actors import BundleSource
     from tests.released_formats import save_movq
 
     movq = save_movq(tmp_path / "movq")
@@ -372,7 +380,7 @@ def test_plan_refuses_a_text_tokenizer_bigger_than_the_qformer_vocab_and_missing
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from jobs.train_plan import plan_training
+    from dualtok.pipelines.train.plan import plan_training
 
     vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(600)}}
     big = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
@@ -622,6 +630,6 @@ def test_a_rerun_with_another_config_stops_or_starts_a_new_run_and_no_credential
 
 
 def train_plan_name(overrides: list[str]) -> str:
-    from jobs.train_plan import plan_training
+    from dualtok.pipelines.train.plan import plan_training
 
     return plan_training(load_config(STAGE_CONFIGS["codebook"], None, overrides)).layout.name

@@ -1,0 +1,321 @@
+"""The tokenize pipeline: WebDataset shards -> Ray Data -> a Parquet token corpus, exactly once.
+
+    shard URIs (pending only) -> ReadAndDecode (a pool of torch-free CPU actors, one shard per call)
+      -> EncodeTokens (actor pool; each actor holds the guide and/or semantic branch)
+      -> driver: CorpusWriter commits each shard whole once all its samples are accounted for.
+
+Decoded images cross the object store once, from a read actor into an encoder actor, and the bytes
+in flight are capped (`prefetch_batches` per actor), so memory stays flat however large the input.
+Only token rows (a few hundred bytes an image) reach the driver. The unit of work and of commit is
+the input shard: a rerun skips committed shards, picks up new ones, and redoes any shard a crash
+left uncommitted, that failed (a store fault that outlived the retries, a tar that cannot be read to
+its end: `RunSummary.shards_failed`, never committed), or whose input changed since its commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from typing import Any, Literal
+
+import numpy as np
+
+from dualtok.pipelines.io import schemas as S
+from dualtok.pipelines.io.corpus import RUNS_DIR, CorpusLayout, CorpusWriter
+from dualtok.pipelines.io.shard_ids import assign_shard_ids
+from dualtok.pipelines.io.decode import DecodeConfig
+from dualtok.pipelines.io.lease import Lease, LeaseConfig
+from dualtok.pipelines.progress import Progress, format_progress
+from dualtok.pipelines.io.read import DecodeImages, ReadShards, add_read_stage
+from dualtok.pipelines.io.shards import ShardLimits
+from dualtok.pipelines.actors import BundleSource, StageResources, add_actor_stage
+from dualtok.pipelines.tokenize.encode import EncodeTokens
+from dualtok.pipelines.io.storage import ShardObject, commit_bytes, filesystem, list_shard_objects
+
+logger = logging.getLogger(__name__)
+
+Streams = Literal["both", "guide", "semantic"]
+_MIN_INFLIGHT_BATCHES = 16
+_PACKAGES = ("dualtok", "torch", "ray", "diffusers", "transformers", "pyarrow", "numpy", "pillow")
+
+
+class BundleMismatchError(RuntimeError):
+    """The output already holds shards made by a different bundle."""
+
+
+@dataclass(frozen=True)
+class TokenizePlan:
+    """Everything a tokenize run needs, resolved by the job from its config."""
+
+    inputs: list[str]
+    output: str
+    source: BundleSource
+    streams: Streams = "both"
+    decode: DecodeConfig = DecodeConfig()
+    limits: ShardLimits = ShardLimits()  # caps on tar members, checked before they are read
+    encoder: StageResources = StageResources()
+    read_cpus: float = 1.0
+    read_actors: int = 1
+    prefetch_batches: int = 4  # decoded batches held in the object store per encoder actor, at most
+    max_shards: int | None = None
+    on_bundle_change: Literal["error", "keep"] = "error"
+    input_root: str | None = None  # shard ids are paths under it; None: the corpus's recorded root
+    lease: LeaseConfig = LeaseConfig()
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    resolved_config: dict[str, Any] = field(default_factory=dict, hash=False)  # secrets already redacted
+
+
+    @property
+    def required_cpus(self) -> float:
+        """Logical CPUs the pipeline needs to make progress: one read actor plus every minimum encoder."""
+        return self.read_cpus + self.encoder.actors * self.encoder.cpus_per_actor
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(p for p in ("guide", "semantic") if self.streams in (p, "both"))
+
+    @property
+    def inflight_bytes(self) -> int:
+        """The object-store bytes the dataset may hold: `prefetch_batches` decoded batches for every
+        actor the pool may grow to, and at least `_MIN_INFLIGHT_BATCHES`. Ray Data splits the budget
+        between the read and encode stages and only starts a read call when its share holds the call's
+        pending output (~2 blocks); below ~6 blocks in all the pipeline stalls."""
+        batches = max(self.prefetch_batches * (self.encoder.max_actors or self.encoder.actors), _MIN_INFLIGHT_BATCHES)
+        return batches * self.batch_bytes
+
+    @property
+    def batch_bytes(self) -> int:
+        """Bytes of one encoder batch of decoded images (uint8 RGB at the decode size)."""
+        return self.encoder.batch_size * self.decode.size**2 * 3
+
+
+@dataclass
+class RunSummary:
+    output: str
+    shards_total: int
+    shards_skipped: int
+    shards_committed: int
+    images: int
+    errors: int
+    seconds: float
+    bundle_fingerprint: str
+    untrained_parts: list[str]
+    shards_failed: dict[str, str] = field(default_factory=dict)  # shard -> why; not committed, redone next run
+    storage_retries: int = 0  # store retries the shard reads took this run (from the read stage's END rows)
+    samples: int = 0  # samples in the shards committed this run: images + errors
+    errors_by_reason: dict[str, int] = field(default_factory=dict)  # this run's error rows by reason, most first
+
+    @property
+    def error_fraction(self) -> float:
+        """Errors per sample this run: what the job's `max_error_fraction` gate compares."""
+        return self.errors / self.samples if self.samples else 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def run_tokenize(plan: TokenizePlan, shards: list[ShardObject] | None = None,
+                 progress: ProgressCallback | None = None) -> RunSummary:
+    """Tokenize every input shard not yet committed under `plan.output`, holding the output's lease
+    (`dualtok.pipelines.io.lease`) from start to end: a second run on the same output fails at once, naming this one.
+    `shards` is the inputs' listing when the caller already made it (the job lists before Ray starts,
+    to fail fast on a wrong path); None lists them here. `progress` (a terminal's progress line) is
+    called after every batch; without it each committed shard is logged at INFO with the rate and ETA."""
+    started = time.monotonic()
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    if shards is None:
+        shards = list_shard_objects(plan.inputs, plan.storage_options or None)
+    with Lease(plan.output, run_id, plan.lease, plan.storage_options or None) as lease:
+        return _run_held(plan, shards, run_id, lease, started, progress)
+
+
+def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease: Lease,
+              started: float, progress: ProgressCallback | None = None) -> RunSummary:
+    """The run, while it holds the output's lease; every shard commit checks the lease first."""
+    import ray
+
+    objects = {obj.uri: obj for obj in shards}
+    uris = sorted(objects)
+    layout, info = _layout(plan)
+    plan = dataclasses.replace(plan, source=dataclasses.replace(plan.source, expected_hashes=info["part_hashes"]))
+    committed = layout.committed()
+    # ids are paths under the corpus's recorded input root, whatever else this run lists
+    ids = assign_shard_ids(uris, plan.output, committed, plan.input_root, run_id, plan.storage_options or None)
+    _check_bundle(committed, info["bundle_fingerprint"], plan.on_bundle_change)
+    skipped = _still_committed(committed, {sid: objects[uri] for sid, uri in ids.items()})
+    pending = [sid for sid in sorted(ids) if sid not in skipped]
+    if plan.max_shards is not None:
+        pending = pending[: plan.max_shards]
+    logger.info("%d input shards: %d already committed, %d to do", len(ids), len(skipped), len(pending))
+    writer = CorpusWriter(layout, {sid: ids[sid] for sid in pending}, run_id, guard=lease.guard)
+    if pending:
+        if not ray.is_initialized():
+            ray.init()
+        _warn_if_starved(plan.required_cpus)
+        dataset = _build_dataset(plan, [(sid, ids[sid]) for sid in pending])
+        _drain(dataset, writer, total=len(pending), progress=progress)
+    summary = RunSummary(
+        output=plan.output, shards_total=len(ids), shards_skipped=len(skipped), shards_committed=len(writer.done),
+        images=sum(m["rows"] for m in writer.done.values()), errors=sum(m["errors"] for m in writer.done.values()),
+        seconds=time.monotonic() - started, bundle_fingerprint=info["bundle_fingerprint"],
+        untrained_parts=info["untrained_parts"], shards_failed=dict(sorted(writer.failed.items())),
+        storage_retries=sum(writer.storage_retries.values()),
+        samples=sum(m["samples"] for m in writer.done.values()), errors_by_reason=_errors_by_reason(writer.done),
+    )
+    lease.guard()  # the manifest describes this run's corpus: only while the run still holds the output
+    _write_manifest(plan, layout, run_id, summary, info)
+    return summary
+
+
+def _errors_by_reason(markers: dict[str, dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for marker in markers.values():
+        for reason, count in marker.get("errors_by_reason", {}).items():
+            counts[reason] = counts.get(reason, 0) + count
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _layout(plan: TokenizePlan) -> tuple[CorpusLayout, dict[str, Any]]:
+    parts = plan.parts
+    tokenizer = plan.source.load(parts)  # once on the driver: fingerprint, token widths, vocab sizes
+    info: dict[str, Any] = {
+        "schema_version": S.CORPUS_SCHEMA_VERSION, "bundle": plan.source.spec,
+        "bundle_fingerprint": tokenizer.fingerprint, "part_hashes": tokenizer.info.part_hashes, "preset": tokenizer.info.preset,
+        "weights": tokenizer.info.sources, "untrained_parts": tokenizer.info.untrained_parts,
+        "image_size": plan.decode.size,
+    }
+    guide_len = semantic_len = None
+    if "guide" in parts:
+        guide_len = tokenizer.guide_grid**2
+        info.update(guide_grid=tokenizer.guide_grid, guide_size=tokenizer.guide_size, guide_vocab=tokenizer.guide_vocab)
+    if "semantic" in parts:
+        semantic_len = tokenizer.num_semantic_tokens
+        info.update(semantic_tokens=semantic_len, semantic_vocab=tokenizer.semantic_vocab)
+    layout = CorpusLayout(plan.output, guide_len, semantic_len, info, plan.storage_options)
+    return layout, info
+
+
+def _warn_if_starved(required: float) -> None:
+    import ray
+
+    available = ray.cluster_resources().get("CPU", 0.0)
+    if available < required:
+        # not an error: an autoscaling cluster may add the nodes once the job asks for them
+        logger.warning("the pipeline needs %.1f logical CPUs (a read actor + the encoder actors) but the cluster "
+                       "has %.1f now; it waits until the autoscaler adds nodes", required, available)
+
+
+def _still_committed(committed: dict[str, dict[str, Any]], inputs: dict[str, ShardObject]) -> set[str]:
+    """The input shards whose marker describes the object listed now. A shard rewritten since its
+    commit (another size or version) is pending again, and its files are rewritten under the same
+    names. Markers written before markers recorded the input (no `shard_version`) count as committed:
+    there is nothing to compare them with, and redoing every old shard would be a surprise."""
+    done = set()
+    for sid, obj in inputs.items():
+        marker = committed.get(sid)
+        if marker is None:
+            continue
+        if "shard_version" in marker and (marker["shard_version"], marker.get("shard_bytes")) != (obj.version, obj.size):
+            logger.info("shard %s: input changed since its commit (%s, %s bytes -> %s, %s bytes); redoing it",
+                        sid, marker["shard_version"], marker.get("shard_bytes"), obj.version, obj.size)
+            continue
+        done.add(sid)
+    return done
+
+
+def _check_bundle(committed: dict[str, dict[str, Any]], fingerprint: str, policy: str) -> None:
+    others = sorted({m.get("bundle_fingerprint") for m in committed.values()} - {fingerprint})
+    if others and policy == "error":
+        raise BundleMismatchError(
+            f"the output holds shards made by bundle(s) {others}, this run uses {fingerprint}; write to a new "
+            "output, or set on_bundle_change=keep to keep them and tokenize only the new shards"
+        )
+
+
+def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]]) -> Any:
+    import ray
+    from ray.data import ExecutionResources
+
+    items = [{S.SHARD: sid, S.SHARD_URI: uri} for sid, uri in shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # Ray Data merges what a task yields into blocks of up to `target_max_block_size` (128 MiB):
+    # a whole shard of decoded images would become one block, handed to ONE actor as one task,
+    # and with the budget below holding a block or two the other actors would sit idle. One
+    # encoder batch per block lets every actor take work and makes the budget count batches.
+    ds.context.target_max_block_size = plan.batch_bytes
+    # read blocks of one encoder batch each: the unit the in-flight budget below is counted in
+    read = ReadShards(plan.storage_options, rows_per_batch=plan.encoder.batch_size, limits=plan.limits)
+    ds = add_read_stage(ds, read, DecodeImages(plan.decode), num_cpus=plan.read_cpus, max_actors=plan.read_actors)
+    ds = add_actor_stage(ds, EncodeTokens, plan.encoder, source=plan.source, streams=plan.parts)
+    # Decoding is ~100x cheaper than encoding on CPU; left to Ray Data's default budget (half the
+    # object store) the read actors race through the whole input ahead of the encoders, and the
+    # session's memory grows with the input. This dataset's own context caps it.
+    ds.context.execution_options.resource_limits = ExecutionResources.for_limits(
+        object_store_memory=plan.inflight_bytes)
+    return ds
+
+
+def _drain(dataset: Any, writer: CorpusWriter, total: int, progress: ProgressCallback | None = None) -> None:
+    """Hand every batch to the writer; report progress per batch (`progress`) or per commit (the log).
+    Images count the sample rows as they arrive (a re-delivered batch counts twice here, never in the
+    summary, which counts committed rows)."""
+    done = images = 0
+    started = time.monotonic()
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        images += int(np.count_nonzero(batch[S.ROW_KIND] == S.SAMPLE))
+        markers = writer.add(batch)
+        for marker in markers:
+            done += 1
+            now = Progress(shards_done=done, shards_total=total, images=images, seconds=time.monotonic() - started)
+            if progress is None:
+                logger.info("committed shard %s: %d rows, %d errors | %s",
+                            marker["shard"], marker["rows"], marker["errors"], format_progress(now))
+        if progress is not None:
+            progress(Progress(shards_done=done, shards_total=total, images=images,
+                              seconds=time.monotonic() - started))
+    if writer.pending:  # failed shards are not pending: they were dropped when they failed
+        raise RuntimeError(f"the pipeline ended with shards still incomplete: {sorted(writer.pending)}")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _write_manifest(plan: TokenizePlan, layout: CorpusLayout, run_id: str, summary: RunSummary,
+                    info: dict[str, Any]) -> None:
+    markers = layout.committed()
+    manifest = {
+        "run_id": run_id, "kind": "tokenize", "config": plan.resolved_config, "versions": package_versions(),
+        "bundle": info,
+        "this_run": {"shards_committed": summary.shards_committed, "shards_skipped": summary.shards_skipped,
+                     "shards_failed": summary.shards_failed, "storage_retries": summary.storage_retries,
+                     "images": summary.images, "errors": summary.errors, "seconds": round(summary.seconds, 3),
+                     "images_per_second": round(summary.images_per_second, 3)},
+        "corpus": {"shards": len(markers), "rows": sum(m["rows"] for m in markers.values()),
+                   "errors": sum(m["errors"] for m in markers.values()),
+                   "samples": sum(m["samples"] for m in markers.values()),
+                   "bundles": sorted({m.get("bundle_fingerprint") for m in markers.values()}),
+                   "per_shard": {sid: {k: m[k] for k in ("samples", "rows", "errors", "bundle_fingerprint")}
+                                 for sid, m in sorted(markers.items())}},
+    }
+    fs, _ = filesystem(plan.output, plan.storage_options or None)
+    body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+    commit_bytes(fs, fs._strip_protocol(layout.path(RUNS_DIR, f"{run_id}.json")), body)
+    commit_bytes(fs, fs._strip_protocol(layout.path("manifest.json")), body)
