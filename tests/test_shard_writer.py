@@ -339,3 +339,25 @@ def test_bad_config_and_empty_inputs_are_named(tmp_path: Path):
         sources_from_folder(str(tmp_path / "empty"))
     with pytest.raises(DualtokError, match="no image sources"):
         write_shards([], str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("peak", [200, 60000])
+def test_16_bit_gray_reencoded_to_jpeg_reads_like_the_original(tmp_path: Path, peak):
+    """Shards re-encode with the normaliser tokenize decodes with: a 16-bit gray image holding
+    only 8-bit values (peak 200) stays as bright as it is, not divided by 256 into black."""
+    from dualtok.pipelines.io.decode import DecodeConfig, decode_image
+    from dualtok.pipelines.shards.writer import ImageSource
+
+    ramp = np.linspace(0, peak, 64 * 64, dtype=np.float64).reshape(64, 64).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")  # mode I;16
+    original = buffer.getvalue()
+    assert Image.open(io.BytesIO(original)).mode.startswith("I")
+    summary = write_shards([ImageSource("ramp.png", "a ramp", data=original)], str(tmp_path / "out"),
+                           ShardWriterConfig(images="jpeg", jpeg_quality=95))
+    (sample,) = _read_samples(list(summary.shards))
+    config = DecodeConfig(size=64)
+    direct = decode_image(original, config).pixels.astype(int)
+    via_shard = decode_image(sample["jpg"], config).pixels.astype(int)
+    assert direct.max() > 150  # peak 200 -> 200, peak 60000 -> 234
+    assert np.abs(direct - via_shard).mean() < 2.0

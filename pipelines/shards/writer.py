@@ -43,6 +43,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, UnidentifiedImageError
 
 from dualtok_core.errors import DualtokError
+from dualtok.pipelines.io.decode import to_rgb_or_gray
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.config import ConfigError
 from dualtok.pipelines.io.storage import commit_bytes, full_uri
@@ -288,20 +289,10 @@ def _prepare_image(raw: bytes, config: ShardWriterConfig) -> tuple[bytes, str, i
             if ext is None:
                 raise _UnsupportedFormat(f"{image.format} cannot be kept as it is; use images=jpeg")
             return raw, ext, image.width, image.height
-        rgb = _to_rgb(image)
+        rgb = to_rgb_or_gray(image).convert("RGB")  # the one normaliser decoding uses too
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG", quality=config.jpeg_quality)
     return buffer.getvalue(), "jpg", rgb.width, rgb.height
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for JPEG: transparency over white, 16/32-bit gray scaled to 8 bits (not clipped)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB")
 
 
 def _failed(row: dict[str, Any], reason: str, err: Exception) -> dict[str, Any]:
