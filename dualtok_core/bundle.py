@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dualtok_core import diffusion, guide, semantic
+from dualtok_core.checkpoints import RANDOM_INIT
 from dualtok_core.errors import BundleError, require_safetensors
 from dualtok_core.imaging import check_token_ids, check_uint8_images, to_model_input, to_uint8
 from dualtok_core.presets import PARTS, build_parts, check_compatible, get_preset
@@ -28,7 +29,6 @@ from dualtok_core.presets import PARTS, build_parts, check_compatible, get_prese
 logger = logging.getLogger(__name__)
 
 BUNDLE_SCHEMA_VERSION = 1
-RANDOM_INIT = "random-init"
 # Safetensors only: a pickle part is refused before loading (`require_safetensors`), and the
 # loaders themselves are told never to fall back to one.
 _LOADERS = {

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 from diffusers.models.autoencoders.vq_model import VectorQuantizer
 from diffusers.utils import BaseOutput
-from safetensors.torch import load_file
 
+from dualtok_core.checkpoints import LoadReport, read_tensors
 from dualtok_core.errors import BundleError, DualtokError, ImageInputError, TokenInputError
 from dualtok_core.imaging import check_token_ids, resize_float
 
@@ -86,27 +86,6 @@ class GuideOutput(BaseOutput):
     commitment_loss: torch.Tensor
     guide: torch.Tensor  # (B, 3, guide_size, guide_size)
     ids: torch.Tensor  # (B, grid_size * grid_size) int64
-
-
-@dataclass
-class LoadReport:
-    """Which guide tensors `from_movq` copied and which it left at their random init."""
-
-    loaded: list[str] = field(default_factory=list)
-    # guide name -> (checkpoint shape, guide shape); these stay random.
-    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)  # guide names with no checkpoint tensor
-    unused: list[str] = field(default_factory=list)  # checkpoint names with no guide tensor
-
-    @property
-    def left_random(self) -> list[str]:
-        return sorted([*self.mismatched, *self.missing])
-
-    def summary(self) -> str:
-        return (
-            f"{len(self.loaded)} tensors loaded, {len(self.mismatched)} shape-mismatched, "
-            f"{len(self.missing)} missing (left random), {len(self.unused)} checkpoint tensors unused"
-        )
 
 
 def _encoder_channels(image_size: int, grid_size: int, base: tuple[int, ...]) -> tuple[int, ...]:
@@ -367,9 +346,10 @@ class GuideVQModel(ModelMixin, ConfigMixin):
             norm_num_groups=movq_config.get("norm_num_groups", 32),
         )
         model = cls(**{**defaults, **config})
-        state = _read_safetensors(folder)
+        state, _ = read_tensors(folder, "diffusion_pytorch_model", what="MoVQ weights")
         movq_depth = len(movq_config.get("down_block_types", widths))
         report = _load_matching(model, state, movq_depth, len(model.encoder_widths))
+        report.source = str(folder)
         logger.info("guide model from MoVQ %s: %s", folder, report.summary())
         return model, report
 
@@ -379,23 +359,6 @@ def _movq_folder(path: Path) -> Path:
         if (folder / "config.json").is_file():
             return folder
     raise BundleError(f"no MoVQ config.json in {path} or {path / 'movq'}")
-
-
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a diffusers weights folder, single-file or sharded; never unpickles."""
-    single = folder / "diffusion_pytorch_model.safetensors"
-    if single.is_file():
-        return load_file(single)
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(folder / shard))
-        return state
-    raise BundleError(
-        f"{folder} has no diffusion_pytorch_model.safetensors (pickle checkpoints are not read here)"
-    )
 
 
 def _movq_to_guide_name(name: str, movq_depth: int, guide_depth: int) -> str:
@@ -414,7 +377,7 @@ def _load_matching(
     model: GuideVQModel, state: dict[str, torch.Tensor], movq_depth: int, guide_depth: int
 ) -> LoadReport:
     own = model.state_dict()
-    report, to_load = LoadReport(), {}
+    report, to_load = LoadReport(source=None, names=list(own), part="guide"), {}
     for movq_name, tensor in state.items():
         name = _movq_to_guide_name(movq_name, movq_depth, guide_depth)
         if name not in own:
@@ -425,7 +388,6 @@ def _load_matching(
             to_load[name] = tensor.to(own[name].dtype)
     model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)
-    report.missing = sorted(set(own) - set(to_load) - set(report.mismatched))
     report.unused.sort()
     return report
 

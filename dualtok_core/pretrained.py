@@ -19,16 +19,15 @@ import contextlib
 import inspect
 import json
 import logging
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from dualtok_core.bundle import RANDOM_INIT, BundleInfo, DualTokenizer
+from dualtok_core.bundle import BundleInfo, DualTokenizer
+from dualtok_core.checkpoints import LoadReport, tensor_names
 from dualtok_core.diffusion import DiffusionReconstructor
 from dualtok_core.errors import BundleError
 from dualtok_core.guide import GuideVQModel
@@ -39,7 +38,6 @@ from dualtok_core.semantic import SemanticTokenizer
 logger = logging.getLogger(__name__)
 
 # What each part is loaded from, as reports and bundle.json name it.
-CHECKPOINT_KINDS = {"guide": "MoVQ", "semantic": "BLIP-2", "diffusion": "Stable Diffusion"}
 # GuideVQModel settings a MoVQ checkpoint fixes (`from_movq` reads them from its config.json).
 MOVQ_KEYS = frozenset({
     "encoder_block_out_channels", "decoder_block_out_channels", "layers_per_block", "latent_channels",
@@ -51,78 +49,8 @@ BLIP2_KEYS = frozenset({"image_size", "vision_config", "qformer_config", "num_qu
 _SD_WEIGHTS = {"vae": "diffusion_pytorch_model", "unet": "diffusion_pytorch_model", "text_encoder": "model"}
 
 
-@dataclass
-class PartReport:
-    """Where one part's tensors came from: the checkpoint, or left at their random init."""
-
-    part: str
-    origin: str | None  # the checkpoint's path or URI; None when the whole part is random-init
-    loaded: list[str] = field(default_factory=list)  # our tensor names filled from the checkpoint
-    left_random: list[str] = field(default_factory=list)  # our tensor names at their random init
-    random_modules: list[str] = field(default_factory=list)  # shortest prefixes holding only random tensors
-    # our name -> (checkpoint shape, our shape): tensors that did not fit and stayed random
-    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
-    unused: list[str] = field(default_factory=list)  # checkpoint tensors (or prefixes) nothing took
-
-    @property
-    def fully_loaded(self) -> bool:
-        return self.origin is not None and not self.left_random
-
-    def summary(self, max_modules: int = 8) -> str:
-        """One line: what was loaded from where, what stayed random (the first few modules)."""
-        if self.origin is None:
-            return f"random-init: all {len(self.left_random)} tensors"
-        text = f"{CHECKPOINT_KINDS[self.part]} {self.origin}: {len(self.loaded)} tensors loaded"
-        if self.left_random:
-            shown = ", ".join(self.random_modules[:max_modules])
-            more = len(self.random_modules) - max_modules
-            text += f", {len(self.left_random)} left random ({shown}{f', +{more} more' if more > 0 else ''})"
-        if self.mismatched:
-            text += f", {len(self.mismatched)} of them shape-mismatched ({', '.join(sorted(self.mismatched)[:3])})"
-        if self.unused:
-            more = f", +{len(self.unused) - 3} more" if len(self.unused) > 3 else ""
-            text += f"; unused from the checkpoint: {', '.join(self.unused[:3])}{more}"
-        return text
-
-    def provenance(self, preset: str, seed: int) -> str:
-        """The `bundle.json` source: starts with RANDOM_INIT whenever any tensor is random."""
-        random = f"{RANDOM_INIT} (preset {preset}, seed {seed})"
-        if self.origin is None:
-            return random
-        kind = CHECKPOINT_KINDS[self.part]
-        if not self.left_random:
-            return f"{kind} {self.origin} (all {len(self.loaded)} tensors)"
-        return (
-            f"{random} for {len(self.left_random)} of {len(self.loaded) + len(self.left_random)} tensors "
-            f"[{', '.join(self.random_modules)}]; the other {len(self.loaded)} from {kind} {self.origin}"
-        )
-
-
-def random_prefixes(names: list[str], random: set[str]) -> list[str]:
-    """The shortest dotted prefixes of `names` under which every tensor is in `random`."""
-    total, hit = Counter(), Counter()
-    for name in names:
-        pieces = name.split(".")
-        for depth in range(1, len(pieces) + 1):
-            prefix = ".".join(pieces[:depth])
-            total[prefix] += 1
-            hit[prefix] += name in random
-    groups = set()
-    for name in random:
-        pieces = name.split(".")
-        prefixes = (".".join(pieces[:depth]) for depth in range(1, len(pieces) + 1))
-        groups.add(next(p for p in prefixes if hit[p] == total[p]))
-    return sorted(groups)
-
-
-def _report(
-    part: str, origin: str | None, names: list[str], loaded: list[str], **extra: Any
-) -> PartReport:
-    random = set(names) - set(loaded)
-    return PartReport(
-        part=part, origin=origin, loaded=sorted(loaded), left_random=sorted(random),
-        random_modules=random_prefixes(names, random), **extra,
-    )
+def _report(part: str, origin: str | None, names: list[str], loaded: list[str], **extra: Any) -> LoadReport:
+    return LoadReport(source=origin, names=list(names), loaded=sorted(loaded), part=part, **extra)
 
 
 @contextlib.contextmanager
@@ -144,7 +72,7 @@ def _seeded(seed: int, part: str) -> Iterator[None]:
 
 def load_guide(
     path: str | Path, preset: Preset, overrides: dict[str, Any], origin: str, seed: int
-) -> tuple[GuideVQModel, PartReport]:
+) -> tuple[GuideVQModel, LoadReport]:
     """MoVQ's widths, depth and codebook; the preset's sizes; then `overrides`. Misfits stay random."""
     settings = {key: value for key, value in preset.kwargs("guide").items() if key not in MOVQ_KEYS}
     with _seeded(seed, "guide"):
@@ -156,19 +84,19 @@ def load_guide(
     return model.eval(), report
 
 
-def load_semantic(path: str | Path, preset: Preset, origin: str, seed: int) -> tuple[SemanticTokenizer, PartReport]:
+def load_semantic(path: str | Path, preset: Preset, origin: str, seed: int) -> tuple[SemanticTokenizer, LoadReport]:
     """BLIP-2's ViT and Q-Former shapes; SEED's codebook, decoder and Reverse Q-Former from the preset."""
     settings = {key: value for key, value in preset.kwargs("semantic").items() if key not in BLIP2_KEYS}
     with _seeded(seed, "semantic"):
         model, blip = SemanticTokenizer.from_blip2(path, **settings)
-    report = _report("semantic", origin, list(model.state_dict()), blip.copied, unused=list(blip.unused_prefixes))
+    report = _report("semantic", origin, list(model.state_dict()), blip.loaded, unused=list(blip.unused))
     return model.eval(), report
 
 
-def load_diffusion(path: str | Path, origin: str) -> tuple[DiffusionReconstructor, PartReport]:
+def load_diffusion(path: str | Path, origin: str) -> tuple[DiffusionReconstructor, LoadReport]:
     """The whole SD 1.x folder; the report compares our tensors with the names in its safetensors."""
     root = Path(path)
-    in_files = {part: _safetensors_keys(root / part, stem) for part, stem in _SD_WEIGHTS.items()}
+    in_files = {part: tensor_names(root / part, stem, "released weights") for part, stem in _SD_WEIGHTS.items()}
     # fp32 whatever the release stores: a bundle's parts share one dtype (`DualTokenizer.to` casts later).
     model = DiffusionReconstructor.from_stable_diffusion(root, dtype=torch.float32)
     names = [name for name in model.state_dict() if name.split(".")[0] in _SD_WEIGHTS]
@@ -176,25 +104,6 @@ def load_diffusion(path: str | Path, origin: str) -> tuple[DiffusionReconstructo
     ours = set(names)
     unused = sorted(f"{part}.{key}" for part, keys in in_files.items() for key in keys if f"{part}.{key}" not in ours)
     return model, _report("diffusion", origin, names, loaded, unused=unused)
-
-
-def _safetensors_keys(folder: Path, stem: str) -> set[str]:
-    """Tensor names in a diffusers/transformers weights folder (single file or sharded), unread."""
-    index = folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
-    elif (folder / f"{stem}.safetensors").is_file():
-        files = [folder / f"{stem}.safetensors"]
-    else:
-        raise BundleError(
-            f"{folder} has no {stem}.safetensors (or sharded index): released weights are read from "
-            "safetensors only; pickle checkpoints are not loaded"
-        )
-    keys: set[str] = set()
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            keys.update(handle.keys())
-    return keys
 
 
 # ---- cross-branch checks, before any weights are read -------------------------------------------
@@ -248,7 +157,7 @@ def assemble_bundle(
     seed: int = 0,
     guide_overrides: dict[str, Any] | None = None,
     origins: dict[str, str] | None = None,
-) -> tuple[DualTokenizer, dict[str, PartReport]]:
+) -> tuple[DualTokenizer, dict[str, LoadReport]]:
     """Each part from its released checkpoint folder when given, else random-init from `preset`.
 
     `guide_overrides` are GuideVQModel settings applied last (e.g. `guide_size=32`); tensors they

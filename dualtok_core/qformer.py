@@ -21,18 +21,16 @@ would be added as 0/1 by the eager kernel. Cross-attention layers replace the ma
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import Blip2Config, Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
+from dualtok_core.checkpoints import LoadReport, read_tensors
 from dualtok_core.errors import BundleError, DualtokError, TokenInputError
 
 logger = logging.getLogger(__name__)
@@ -163,25 +161,6 @@ BLIP2_PREFIXES = {
 }
 
 
-@dataclass
-class LoadReport:
-    """What `SemanticTokenizer.from_blip2` took from the checkpoint and what it left random."""
-
-    source: str
-    copied: list[str] = field(default_factory=list)  # our parameter names filled from the checkpoint
-    random: list[str] = field(default_factory=list)  # our parameter names left at their random init
-    unused_prefixes: list[str] = field(default_factory=list)  # checkpoint parts not used (language model, ...)
-
-    @property
-    def random_modules(self) -> list[str]:
-        """Top-level parts with at least one random parameter (the parts training must still fit)."""
-        return sorted({name.split(".")[0] for name in self.random})
-
-    @property
-    def copied_modules(self) -> list[str]:
-        return sorted({name.split(".")[0] for name in self.copied})
-
-
 def blip2_config(path: Path) -> Blip2Config:
     if not (path / "config.json").is_file():
         raise BundleError(f"{path} is not a BLIP-2 checkpoint folder: it has no config.json")
@@ -191,33 +170,10 @@ def blip2_config(path: Path) -> Blip2Config:
     return config
 
 
-def _safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise BundleError(
-        f"{path} holds no model.safetensors (or sharded index); BLIP-2 weights are read from safetensors only: "
-        "convert a pickle checkpoint with transformers' save_pretrained(safe_serialization=True) first"
-    )
-
-
 def read_blip2_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Our-name -> tensor for the ViT / Q-Former parts of a BLIP-2 checkpoint, and the unused prefixes."""
-    tensors: dict[str, torch.Tensor] = {}
-    unused: set[str] = set()
-    for file in _safetensors_files(path):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                target = _our_name(key)
-                if target is None:
-                    unused.add(key.split(".")[0])
-                else:
-                    tensors[target] = handle.get_tensor(key)
-    return tensors, sorted(unused)
+    tensors, dropped = read_tensors(path, "model", _our_name, what="BLIP-2 weights")
+    return tensors, sorted({key.split(".")[0] for key in dropped})
 
 
 def _our_name(key: str) -> str | None:
@@ -243,10 +199,6 @@ def copy_checkpoint(model: nn.Module, tensors: dict[str, torch.Tensor], source: 
                 )
             own[name].copy_(tensor.to(own[name].dtype))
     params = [name for name, _ in model.named_parameters()]
-    report = LoadReport(
-        source=source,
-        copied=[n for n in params if n in tensors],
-        random=[n for n in params if n not in tensors],
-    )
-    logger.info("from %s: copied %s; random %s", source, report.copied_modules, report.random_modules)
+    report = LoadReport(source=source, names=params, loaded=[n for n in params if n in tensors], part="semantic")
+    logger.info("from %s: copied %s; random %s", source, report.loaded_parts, report.random_parts)
     return report

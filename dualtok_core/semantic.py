@@ -30,6 +30,7 @@ from torch import nn
 from transformers import Blip2QFormerModel, Blip2VisionModel
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
+from dualtok_core.checkpoints import LoadReport
 from dualtok_core.errors import BundleError, DualtokError, ImageInputError
 from dualtok_core.imaging import check_token_ids
 from dualtok_core.qformer import (
@@ -37,7 +38,6 @@ from dualtok_core.qformer import (
     BLIP2_STD,
     QFORMER_KEYS,
     VISION_KEYS,
-    LoadReport,
     blip2_config,
     check_text_ids,
     copy_checkpoint,
@@ -448,5 +448,5 @@ class SemanticTokenizer(ModelMixin, ConfigMixin):
         model = cls(**derived, **overrides)
         tensors, unused = read_blip2_checkpoint(root)
         report = copy_checkpoint(model, tensors, str(root))
-        report.unused_prefixes = unused
+        report.unused = unused
         return model, report

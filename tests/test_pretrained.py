@@ -11,9 +11,10 @@ import torch
 from skimage import data
 from transformers import Blip2ForImageTextRetrieval
 
-from dualtok_core.bundle import RANDOM_INIT, DualTokenizer
+from dualtok_core.bundle import DualTokenizer
+from dualtok_core.checkpoints import RANDOM_INIT, random_prefixes
 from dualtok_core.errors import BundleError
-from dualtok_core.pretrained import assemble_bundle, random_prefixes
+from dualtok_core.pretrained import assemble_bundle
 from dualtok.jobs.cli import main as cli
 from dualtok.jobs.make_bundle import fetch_checkpoint
 from tests.released_formats import save_blip2, save_movq, tiny_stable_diffusion

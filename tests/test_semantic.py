@@ -273,10 +273,10 @@ def test_from_blip2_retrieval_copies_and_matches_transformers(tmp_path, images, 
     assert torch.equal(model.qformer.state_dict()[key], blip.qformer.state_dict()[key])
     assert torch.equal(model.query_tokens, blip.query_tokens)
     assert torch.equal(model.text_embeddings.word_embeddings.weight, blip.embeddings.word_embeddings.weight)
-    assert report.random_modules == [
+    assert report.random_parts == [
         "decoder", "generation_proj", "generation_queries", "quantizer", "reverse_qformer", "temperature",
     ]
-    assert report.unused_prefixes == ["itm_head"]
+    assert report.unused == ["itm_head"]
     # With the mask off, our image and text paths are BLIP-2's own (the wiring is right).
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
@@ -304,12 +304,12 @@ def test_from_blip2_generation_checkpoint_reports_text_parts_random(tmp_path, im
     blip = save_blip2(Blip2ForConditionalGeneration, tmp_path, text_input=False)
     model, report = SemanticTokenizer.from_blip2(tmp_path, **_tiny_heads())
     assert torch.equal(model.query_tokens, blip.query_tokens)
-    assert "vision_model" in report.copied_modules and "vision_model" not in report.random_modules
+    assert "vision_model" in report.loaded_parts and "vision_model" not in report.random_parts
     # OPT checkpoints drop BLIP-2's text FFN and text embeddings: those stay random.
-    assert "qformer.encoder.layer.0.intermediate.dense.weight" in report.random
-    assert "qformer.encoder.layer.0.intermediate_query.dense.weight" in report.copied
-    assert {"text_embeddings", "vision_proj", "text_proj", "quantizer"} <= set(report.random_modules)
-    assert {"language_model", "language_projection"} <= set(report.unused_prefixes)
+    assert "qformer.encoder.layer.0.intermediate.dense.weight" in report.left_random
+    assert "qformer.encoder.layer.0.intermediate_query.dense.weight" in report.loaded
+    assert {"text_embeddings", "vision_proj", "text_proj", "quantizer"} <= set(report.random_parts)
+    assert {"language_model", "language_projection"} <= set(report.unused)
     assert model.encode(images).shape == (4, 32)
     with pytest.raises(BundleError, match="image_size"):
         SemanticTokenizer.from_blip2(tmp_path, image_size=256)
