@@ -229,9 +229,9 @@ class DualTokenizer:
         semantic_ids: np.ndarray | torch.Tensor,
         *,
         size: int = 256,
-        steps: int = 25,
-        strength: float = 0.7,
-        guidance: float = 3.0,
+        steps: int = diffusion.DEFAULT_STEPS,
+        strength: float = diffusion.DEFAULT_STRENGTH,
+        guidance: float = diffusion.DEFAULT_GUIDANCE,
         seed: int = 0,
         inversion_condition: str = "unconditional",
     ) -> np.ndarray:
@@ -249,8 +249,8 @@ class DualTokenizer:
 
     @torch.inference_mode()
     def generate_from_semantic(
-        self, semantic_ids: np.ndarray | torch.Tensor, *, size: int = 256, steps: int = 25,
-        guidance: float = 3.0, seed: int = 0,
+        self, semantic_ids: np.ndarray | torch.Tensor, *, size: int = 256, steps: int = diffusion.DEFAULT_STEPS,
+        guidance: float = diffusion.DEFAULT_GUIDANCE, seed: int = 0,
     ) -> np.ndarray:
         """The semantic-only baseline (SEED/LaVIT): pure noise, semantic condition only."""
         cond = self.generation_embeddings(semantic_ids)

@@ -30,6 +30,11 @@ from dualtok_core.imaging import resize_float
 
 logger = logging.getLogger(__name__)
 
+# Sampling defaults of every re-rendering (the facade, the audit, the demo): DDIM steps of the whole
+# schedule, the share of it a guide is inverted to (dual runs int(strength * steps) of them), and
+# the classifier-free guidance scale.
+DEFAULT_STEPS, DEFAULT_STRENGTH, DEFAULT_GUIDANCE = 25, 0.7, 3.0
+
 PARTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 INVERSION_CONDITIONS = ("unconditional", "semantic")
 TEXT_LENGTH = 77  # CLIP's context: SD 1.x conditions on (B, 77, D)

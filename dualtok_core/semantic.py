@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 # Which top-level parts train in each stage; everything else is frozen (requires_grad False, eval()).
 # The ViT is in no stage: SEED keeps BLIP-2's ViT frozen throughout.
+# SEED stage 1 (its pretrain_qformer.yaml): label smoothing of the eq. 6 contrastive targets.
+SEED_LABEL_SMOOTHING = 0.1
+
 STAGE_TRAINABLE: dict[str, tuple[str, ...]] = {
     "qformer": ("query_tokens", "qformer", "text_embeddings", "vision_proj", "text_proj", "temperature"),
     "codebook": ("quantizer", "decoder"),
@@ -144,7 +147,7 @@ def contrastive_loss(
     image_feat: torch.Tensor,
     text_feat: torch.Tensor,
     temperature: torch.Tensor | float,
-    label_smoothing: float = 0.1,
+    label_smoothing: float = SEED_LABEL_SMOOTHING,
 ) -> torch.Tensor:
     """Symmetric InfoNCE (eq. 6) over row-aligned pairs of normalised features (N, E).
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from dualtok_core.errors import DualtokError
 from dualtok_core.guide import GuideVQModel
-from dualtok_core.semantic import STAGE_TRAINABLE, SemanticTokenizer, contrastive_loss
+from dualtok_core.semantic import SEED_LABEL_SMOOTHING, STAGE_TRAINABLE, SemanticTokenizer, contrastive_loss
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
@@ -56,7 +56,7 @@ class StageContext:
     gather: Gather = no_gather  # the all-gather with gradients across workers (qformer's negatives)
     text_tokenizer: Any = None  # qformer: the Q-Former's text tokenizer (a transformers tokenizer)
     max_text_length: int = 32
-    label_smoothing: float = 0.1
+    label_smoothing: float = SEED_LABEL_SMOOTHING
     model: nn.Module | None = None  # the branch to train instead of the bundle's (guide: MoVQ weights)
 
 
@@ -175,7 +175,7 @@ class QFormerStage(_SemanticStage):
     name, part, needs_captions = "qformer", "semantic", True
     loss_terms = ("contrastive_loss", "temperature")
 
-    def __init__(self, model: SemanticTokenizer, gather: Gather = no_gather, label_smoothing: float = 0.1,
+    def __init__(self, model: SemanticTokenizer, gather: Gather = no_gather, label_smoothing: float = SEED_LABEL_SMOOTHING,
                  text_tokenizer: Any = None, max_text_length: int = 32) -> None:
         super().__init__(model)
         self.gather = gather

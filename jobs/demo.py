@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dualtok.pipelines.cluster import RayConfig, init_ray
-    from dualtok.jobs.tokenize import TokenizeConfig, cpu_node_resources, plan_from_config, print_summary
+    from dualtok.pipelines.tokenize.config import TokenizeConfig, cpu_node_resources, plan_from_config
+    from dualtok.jobs.tokenize import print_summary
     from dualtok.pipelines.shards.photos import write_sample_shards
     from dualtok.pipelines.tokenize.pipeline import run_tokenize
 

@@ -75,8 +75,8 @@ _PLAIN_URI = re.compile(r"^[A-Za-z0-9_.:/@+=,%~-]+$")  # safe inside a double-qu
 KINDS: dict[str, JobKind] = {
     kind.name: kind
     for kind in (
-        JobKind("tokenize", ("tokenize",), "dualtok.jobs.tokenize:TokenizeConfig", _ONE_GPU, _DAY),
-        JobKind("audit", ("audit",), "dualtok.jobs.audit:AuditConfig", dataclasses.replace(_ONE_GPU, max_replicas=4), _DAY),
+        JobKind("tokenize", ("tokenize",), "dualtok.pipelines.tokenize.config:TokenizeConfig", _ONE_GPU, _DAY),
+        JobKind("audit", ("audit",), "dualtok.pipelines.audit.config:AuditConfig", dataclasses.replace(_ONE_GPU, max_replicas=4), _DAY),
         JobKind("stats", ("stats",), "dualtok.jobs.stats:StatsConfig", None, 6 * 3600),
         *(
             JobKind(f"train-{stage}", ("train", stage), f"{cls.__module__}:{cls.__name__}", _EIGHT_GPUS, 7 * _DAY)

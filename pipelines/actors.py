@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from dualtok_core.bundle import DualTokenizer
 from dualtok_core.errors import BundleError
 from dualtok_core.presets import preset_names
 from dualtok.pipelines.io.storage import revealed
+
+if TYPE_CHECKING:  # torch and the models load in the actors, not where plans are made
+    import torch
+
+    from dualtok_core.bundle import DualTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class BundleSource:
         return self.spec in preset_names()
 
     def load(self, parts: tuple[str, ...]) -> DualTokenizer:
+        from dualtok_core.bundle import DualTokenizer
+
         if self.is_preset:
             tokenizer = DualTokenizer.from_preset(self.spec, seed=self.seed, parts=parts)
         else:
@@ -74,12 +78,16 @@ class BundleSource:
 
 
 def pick_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

@@ -112,7 +112,39 @@ def ray_session(s3):
     try:
         yield context.address_info["gcs_address"]
     finally:
+        started = ray_node_processes()
         ray.shutdown()
+        end_processes(started, grace_s=15.0)
+
+
+def ray_node_processes() -> list:
+    """The local Ray node's processes (raylet, GCS, every worker and actor), before shutdown."""
+    import psutil
+    import ray
+
+    node = ray._private.worker._global_node
+    heads = [info.process.pid for infos in node.all_processes.values() for info in infos] if node else []
+    found = []
+    for pid in heads:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            head = psutil.Process(pid)
+            found += [head, *head.children(recursive=True)]
+    return found
+
+
+def end_processes(procs: list, grace_s: float) -> None:
+    """Give `procs` `grace_s` to exit (Ray's workers leave shortly after their raylet), then SIGKILL
+    the rest: an actor stuck in its exit path (seen: a Ray Train controller) must not outlive the
+    fixture that started it."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            print(f"ray_session: ending {proc.pid} ({' '.join(proc.cmdline())[:80]}), alive {grace_s:g} s after "
+                  "ray.shutdown()", file=sys.stderr)
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
 
 
 class Processes:

@@ -329,7 +329,7 @@ def test_mean_interval_is_the_student_t_interval():
 
 
 def test_audit_config_rejects_what_it_cannot_do():
-    from dualtok.jobs.audit import AuditConfig
+    from dualtok.pipelines.audit.config import AuditConfig
     from dualtok.pipelines.config import ConfigError, load_config
 
     base = ["corpus=s3://b/c", "output=s3://b/a"]

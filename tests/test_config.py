@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from dualtok.pipelines.io.storage import StorageConfig
-from dualtok.jobs.tokenize import TokenizeConfig
+from dualtok.pipelines.tokenize.config import TokenizeConfig
 from dualtok.pipelines.config import ConfigError, SecretStr, load_config, to_dict
 from dualtok.pipelines.io.storage import revealed
 
@@ -97,9 +97,9 @@ def test_no_plan_repr_or_stored_train_state_shows_a_credential(tmp_path):
     stores `train_loop_config` in its run state (its own sanitiser: str() of each value)."""
     from ray.train.v2._internal.state.schema import _to_json_serializable_value
 
-    from dualtok.jobs.audit import AuditConfig
-    from dualtok.jobs.audit import plan_from_config as audit_plan
-    from dualtok.jobs.tokenize import plan_from_config as tokenize_plan
+    from dualtok.pipelines.audit.config import AuditConfig
+    from dualtok.pipelines.audit.config import plan_from_config as audit_plan
+    from dualtok.pipelines.tokenize.config import plan_from_config as tokenize_plan
     from dualtok.pipelines.train.config import STAGE_CONFIGS
     from dualtok.pipelines.train.plan import plan_training
 

@@ -417,7 +417,7 @@ def write_fuzz_shards(root, good: bytes) -> dict[str, tuple[int, str | None]]:
 
 
 def run_pipeline(inputs: str, output: str, batch_size: int, read_actors: int, **image):
-    from dualtok.jobs.tokenize import ImageConfig, TokenizeConfig, plan_from_config
+    from dualtok.pipelines.tokenize.config import ImageConfig, TokenizeConfig, plan_from_config
     from dualtok.pipelines.actors import StageResources
     from dualtok.pipelines.tokenize.pipeline import run_tokenize
 

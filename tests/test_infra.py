@@ -294,7 +294,7 @@ def test_no_pod_running_job_code_holds_a_kubernetes_api_token():
 
 
 def test_the_nightly_tokenize_job_names_the_root_its_shard_ids_are_relative_to(tmp_path):
-    from dualtok.jobs.tokenize import TokenizeConfig
+    from dualtok.pipelines.tokenize.config import TokenizeConfig
 
     config = load_config(TokenizeConfig, _config_file(f"{CONFIG_DIR}/tokenize.yaml", tmp_path))
     assert config.input_root == "s3://dualtok-data/shards/"

@@ -16,7 +16,7 @@ import pytest
 
 
 from dualtok.jobs.checks import EXIT_TOO_MANY_ERRORS
-from dualtok.jobs.tokenize import TokenizeConfig, default_resources, resolve_resources
+from dualtok.pipelines.tokenize.config import TokenizeConfig, default_resources, resolve_resources
 from dualtok.pipelines.config import BUNDLE_REQUIRED, load_config
 from dualtok.pipelines.actors import StageResources
 from tests.shard_factory import encode, photo_images, sample_members, tar_bytes

@@ -144,3 +144,18 @@ def test_each_folder_says_what_lives_there(folder):
 def test_the_cli_entry_point_resolves():
     spec = importlib.util.find_spec("dualtok.jobs.cli")
     assert spec is not None and Path(spec.origin).parent == ROOT / "jobs"
+
+
+def test_the_recipe_and_the_loss_agree_on_label_smoothing():
+    from dualtok_core.semantic import SEED_LABEL_SMOOTHING
+    from dualtok.pipelines.train.config import QFormerTrainConfig
+
+    assert QFormerTrainConfig.label_smoothing == SEED_LABEL_SMOOTHING
+
+
+def test_job_kinds_and_configs_import_without_torch(tmp_path):
+    """`dualtok submit` and `dualtok manifests` read every job's config type: no model import."""
+    code = ("import sys, dualtok.jobs.kinds, dualtok.pipelines.train.config, dualtok.pipelines.tokenize.config; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dualtok.jobs.cli import main as cli
-from dualtok.jobs.tokenize import TokenizeConfig, plan_from_config
+from dualtok.pipelines.tokenize.config import TokenizeConfig, plan_from_config
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.io.corpus import CorpusLayout, CorpusWriter
 from dualtok.pipelines.actors import StageResources

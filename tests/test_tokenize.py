@@ -255,7 +255,7 @@ def test_encoder_stage_tokens_only_sample_rows_and_drops_images(tiny_tokenizer, 
 
 @pytest.mark.parametrize("cpus", [1, 2, 3, 16, 64])
 def test_cpu_node_resources_fill_the_machine_without_oversubscribing_it(cpus):
-    from dualtok.jobs.tokenize import cpu_node_resources
+    from dualtok.pipelines.tokenize.config import cpu_node_resources
 
     read_cpus, encoder = cpu_node_resources(cpus)
     reserved = read_cpus + encoder.actors * encoder.cpus_per_actor

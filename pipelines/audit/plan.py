@@ -35,24 +35,25 @@ class ReportSettings:
 
 @dataclass(frozen=True)
 class AuditPlan:
-    """Everything an audit run needs, resolved by the job from its config."""
+    """Everything an audit run needs, resolved from an `AuditConfig` by `plan_from_config`
+    (audit/config.py). No defaults here: they live in the config, once."""
 
     corpus: str
     output: str
     source: BundleSource
-    guides: dict[str, BundleSource] = field(default_factory=dict, hash=False)  # name (g32) -> guide bundle
-    variants: tuple[str, ...] = BASE_VARIANTS
-    sample: SampleSpec = SampleSpec(size=64)
-    sources: tuple[str, ...] = ()  # source shards; () = each corpus shard's recorded shard_uri
-    render: RenderSettings = RenderSettings()
-    slice_size: int = 16
-    reconstruct: StageResources = StageResources(batch_size=4)
-    score: StageResources = StageResources()
-    fetch_cpus: float = 1.0
-    weights: PerceptualWeights = PerceptualWeights()
-    report: ReportSettings = ReportSettings()
-    corpus_stats: bool = True
-    max_slices: int | None = None
+    guides: dict[str, BundleSource] = field(hash=False)  # name (g32) -> guide bundle
+    variants: tuple[str, ...]
+    sample: SampleSpec
+    sources: tuple[str, ...]  # source shards; () = each corpus shard's recorded shard_uri
+    render: RenderSettings
+    slice_size: int
+    reconstruct: StageResources
+    score: StageResources
+    fetch_cpus: float
+    weights: PerceptualWeights
+    report: ReportSettings
+    corpus_stats: bool
+    max_slices: int | None
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
     resolved_config: dict[str, Any] = field(default_factory=dict, hash=False)
 

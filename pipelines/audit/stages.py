@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from dualtok_core.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
 from dualtok_core.errors import DualtokError
 from dualtok_core.imaging import check_token_ids, resize_float, to_uint8
 from dualtok_core.presets import PARTS
@@ -73,10 +74,10 @@ class VariantSpec:
 class RenderSettings:
     """Reconstruction settings shared by every variant."""
 
-    size: int = 256
-    steps: int = 25
-    strength: float = 0.7
-    guidance: float = 3.0
+    size: int = 256  # output size of every reconstruction (and of the originals it is compared with)
+    steps: int = DEFAULT_STEPS  # DDIM steps of the whole schedule; dual runs int(strength * steps) of them
+    strength: float = DEFAULT_STRENGTH
+    guidance: float = DEFAULT_GUIDANCE
     seed: int = 0
     inversion_condition: str = "unconditional"
     chunk: int = 4  # images per forward pass

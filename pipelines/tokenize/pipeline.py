@@ -36,7 +36,6 @@ from dualtok.pipelines.progress import Progress, format_progress
 from dualtok.pipelines.io.read import DecodeImages, ReadShards, add_read_stage
 from dualtok.pipelines.io.shards import ShardLimits
 from dualtok.pipelines.actors import BundleSource, StageResources, add_actor_stage
-from dualtok.pipelines.tokenize.encode import EncodeTokens
 from dualtok.pipelines.io.storage import ShardObject, commit_bytes, filesystem, list_shard_objects
 
 logger = logging.getLogger(__name__)
@@ -52,22 +51,23 @@ class BundleMismatchError(RuntimeError):
 
 @dataclass(frozen=True)
 class TokenizePlan:
-    """Everything a tokenize run needs, resolved by the job from its config."""
+    """Everything a tokenize run needs, resolved from a `TokenizeConfig` by `plan_from_config`
+    (tokenize/config.py). No defaults here: they live in the config, once."""
 
     inputs: list[str]
     output: str
     source: BundleSource
-    streams: Streams = "both"
-    decode: DecodeConfig = DecodeConfig()
-    limits: ShardLimits = ShardLimits()  # caps on tar members, checked before they are read
-    encoder: StageResources = StageResources()
-    read_cpus: float = 1.0
-    read_actors: int = 1
-    prefetch_batches: int = 4  # decoded batches held in the object store per encoder actor, at most
-    max_shards: int | None = None
-    on_bundle_change: Literal["error", "keep"] = "error"
-    input_root: str | None = None  # shard ids are paths under it; None: the corpus's recorded root
-    lease: LeaseConfig = LeaseConfig()
+    streams: Streams
+    decode: DecodeConfig
+    limits: ShardLimits  # caps on tar members, checked before they are read
+    encoder: StageResources
+    read_cpus: float
+    read_actors: int
+    prefetch_batches: int  # decoded batches held in the object store per encoder actor, at most
+    max_shards: int | None
+    on_bundle_change: Literal["error", "keep"]
+    input_root: str | None  # shard ids are paths under it; None: the corpus's recorded root
+    lease: LeaseConfig
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
     resolved_config: dict[str, Any] = field(default_factory=dict, hash=False)  # secrets already redacted
 
@@ -257,6 +257,8 @@ def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]]) -> Any:
     # read blocks of one encoder batch each: the unit the in-flight budget below is counted in
     read = ReadShards(plan.storage_options, rows_per_batch=plan.encoder.batch_size, limits=plan.limits)
     ds = add_read_stage(ds, read, DecodeImages(plan.decode), num_cpus=plan.read_cpus, max_actors=plan.read_actors)
+    from dualtok.pipelines.tokenize.encode import EncodeTokens  # torch and the models: the actors' imports
+
     ds = add_actor_stage(ds, EncodeTokens, plan.encoder, source=plan.source, streams=plan.parts)
     # Decoding is ~100x cheaper than encoding on CPU; left to Ray Data's default budget (half the
     # object store) the read actors race through the whole input ahead of the encoders, and the

@@ -112,7 +112,7 @@ class QFormerTrainConfig(TrainConfig):
     warmup_lr: float = 3e-7
     text_tokenizer: str | None = None  # BERT-style folder (local or URI); default: the bundle's semantic/tokenizer
     max_text_length: int = 32  # BLIP-2's max_txt_len
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # = dualtok_core.semantic.SEED_LABEL_SMOOTHING (this module stays torch-free)
 
 
 @dataclass(frozen=True)

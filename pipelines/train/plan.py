@@ -18,6 +18,7 @@ from typing import Any
 from dualtok_core.bundle import BUNDLE_SCHEMA_VERSION, BundleInfo
 from dualtok_core.errors import BundleError, DualtokError
 from dualtok_core.presets import get_preset, preset_names
+from dualtok_core.semantic import SEED_LABEL_SMOOTHING
 from dualtok_core.training import LRSchedule
 from dualtok_core.training_stages import stage_class
 from dualtok.pipelines.train.config import TrainConfig, default_run_name, resolved_config, run_identity
@@ -159,7 +160,7 @@ def _worker_plan(
         betas=(config.beta1, config.beta2), max_grad_norm=config.max_grad_norm,
         mixed_precision=config.mixed_precision, seed=config.seed, input_fingerprint=fingerprint,
         text_tokenizer=text_tokenizer, max_text_length=getattr(config, "max_text_length", 32),
-        label_smoothing=getattr(config, "label_smoothing", 0.1),
+        label_smoothing=getattr(config, "label_smoothing", SEED_LABEL_SMOOTHING),
         init_from_movq=getattr(config, "init_from_movq", None),
         dead_code_every=getattr(config, "dead_code_every", 0), shuffle_buffer=config.shuffle_buffer,
         # Ray sets OMP_NUM_THREADS from the worker's CPUs; torch follows the same count explicitly.

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from dualtok_core.errors import BundleError, DualtokError
 from dualtok_core.guide import codebook_usage
 from dualtok_core.imaging import check_uint8_images, to_model_input
+from dualtok_core.semantic import SEED_LABEL_SMOOTHING
 from dualtok_core.training import LRSchedule, autocast_dtype, build_optimizer, build_scheduler, optimizer_step
 from dualtok_core.training_stages import CodeUsage, StageContext, TrainingStage, no_gather, stage_class
 from dualtok.pipelines.train.state import (
@@ -61,7 +62,7 @@ class WorkerPlan:
     input_fingerprint: str
     text_tokenizer: str | None = None
     max_text_length: int = 32
-    label_smoothing: float = 0.1
+    label_smoothing: float = SEED_LABEL_SMOOTHING
     init_from_movq: str | None = None
     dead_code_every: int = 0
     shuffle_buffer: int = 0
