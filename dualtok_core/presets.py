@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from dualtok_core import diffusion, guide, semantic
 from dualtok_core.errors import BundleError
+
+if TYPE_CHECKING:
+    import torch
+
+# The branch modules (torch, diffusers, transformers) load on first use: the names, parts and
+# version here are what job configs and plans read, and those stay light.
 
 PRESET_VERSION = 1
 PARTS = ("guide", "semantic", "diffusion")
@@ -40,6 +43,8 @@ _DESCRIPTIONS = {
 
 
 def get_preset(name: str) -> Preset:
+    from dualtok_core import diffusion, guide, semantic
+
     if name not in _DESCRIPTIONS:
         raise BundleError(f"unknown preset {name!r}; presets are: {', '.join(_DESCRIPTIONS)}")
     return Preset(
@@ -57,6 +62,8 @@ def preset_names() -> tuple[str, ...]:
 
 def build_parts(preset: Preset, seed: int = 0, parts: tuple[str, ...] = PARTS) -> dict[str, torch.nn.Module]:
     """Random-initialised branches of a preset; the same seed gives the same weights."""
+    import torch
+
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise BundleError(f"unknown bundle part(s) {sorted(unknown)}; parts are {PARTS}")
@@ -74,6 +81,10 @@ def build_parts(preset: Preset, seed: int = 0, parts: tuple[str, ...] = PARTS) -
 
 
 def _build_into(built: dict[str, torch.nn.Module], preset: Preset, seed: int, parts: tuple[str, ...]) -> None:
+    import torch
+
+    from dualtok_core import diffusion, guide, semantic
+
     for offset, part in enumerate(PARTS):
         if part not in parts:
             continue
@@ -99,6 +110,8 @@ def check_compatible(parts: dict[str, torch.nn.Module]) -> None:
 
 def parameter_counts(name: str) -> dict[str, int]:
     """Parameter count per branch, built on the meta device (no memory, no weights)."""
+    import torch
+
     with torch.device("meta"):
         built = build_parts(get_preset(name))
     return {part: sum(p.numel() for p in module.parameters()) for part, module in built.items()}

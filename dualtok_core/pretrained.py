@@ -1,4 +1,4 @@
-"""Assemble a `DualTokenizer` from released checkpoints, part by part (issue 2 item 6).
+"""Assemble a `DualTokenizer` from released checkpoints, part by part.
 
 - guide: a Kandinsky 2.2 MoVQ folder (diffusers `VQModel`, spatial norm) -> `GuideVQModel.from_movq`;
   every tensor whose shape fits is copied, the deeper encoder's extra blocks stay random.

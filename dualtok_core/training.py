@@ -1,6 +1,6 @@
 """What every training stage shares: the LR schedule, the optimizer, and one optimizer step.
 
-Ray-free and single-device, like the models: the job (`jobs/train_worker.py`) wraps a stage
+Ray-free and single-device, like the models: the job (`dualtok.pipelines.train.worker`) wraps a stage
 module (`training_stages.py`) in DDP and calls `optimizer_step` with its micro-batches. Gradient
 accumulation skips DDP's all-reduce on all but the last micro-batch (`no_sync`), so a step of
 `k` micro-batches costs one gradient exchange.

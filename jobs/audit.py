@@ -15,7 +15,7 @@ from dualtok.pipelines.audit.config import AuditConfig, plan_from_config
 from dualtok.pipelines.audit.index import parse_thresholds
 from dualtok.pipelines.cluster import init_ray
 from dualtok.pipelines.config import ConfigError
-from dualtok.pipelines.progress import quiet_ray_data
+from dualtok.pipelines.progress import quiet_ray_data, terminal_progress
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,12 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_from_config(config)
     init_ray(config.ray)
     quiet_ray_data(getattr(args, "verbose", 0))  # before the dataset is built: it copies the context
-    summary = run_audit(plan)
+    reporter = terminal_progress(args, "audit")
+    try:
+        summary = run_audit(plan, progress=reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
     crossed = _after_audit(config, summary)
     too_many = summary.error_fraction > config.max_error_fraction
     code = EXIT_TOO_MANY_ERRORS if too_many or crossed else 0

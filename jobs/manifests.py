@@ -6,7 +6,7 @@
 Every job file under `jobs_dir` becomes a KubeRay `RayJob` on its own autoscaling cluster; the
 nightly schedules become `RayCronJob`s (KubeRay >= 1.6, `RayCronJob` feature gate) or, for older
 operators, plain `CronJob`s that `dualtok submit` to a long-lived `RayCluster`. Job kinds differ
-only in entrypoint and worker shape (`jobs/job_kinds.py`); the pod template (image, security
+only in entrypoint and worker shape (`jobs/kinds.py`); the pod template (image, security
 context, credentials, config mount) is written once here. Credentials come only from Kubernetes
 Secrets and the service account's cloud role; the manifests name them and never hold one.
 

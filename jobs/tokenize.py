@@ -29,7 +29,7 @@ from dualtok.jobs.config import add_config_arguments, config_from_args
 from dualtok.pipelines.cluster import init_ray
 from dualtok.pipelines.io.lease import LeaseLostError
 from dualtok.pipelines.io.storage import list_shard_objects
-from dualtok.pipelines.progress import TerminalProgress, format_duration, quiet_ray_data
+from dualtok.pipelines.progress import format_duration, quiet_ray_data, terminal_progress
 from dualtok.pipelines.tokenize.config import Resources, TokenizeConfig, plan_from_config, resolve_resources
 from dualtok.pipelines.tokenize.pipeline import RunSummary, run_tokenize
 
@@ -69,14 +69,6 @@ def print_summary(summary: RunSummary, exit_code: int = 0, as_json: bool = False
     if summary.untrained_parts:
         print(f"NOTE: the {', '.join(summary.untrained_parts)} weights are random-initialised (untrained): "
               "the tokens exercise the pipeline but carry no meaning.")
-
-
-def terminal_progress(args: argparse.Namespace, label: str) -> TerminalProgress | None:
-    """A progress line redrawn on stderr when stderr is a terminal and neither -q nor --json is given;
-    None otherwise (the pipeline then logs one line per committed shard)."""
-    if getattr(args, "quiet", False) or getattr(args, "json", False) or not sys.stderr.isatty():
-        return None
-    return TerminalProgress(label)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

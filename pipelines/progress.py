@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 logger = logging.getLogger(__name__)
 
@@ -21,12 +21,13 @@ _RAY_PROGRESS_LOGGER = "ray.data._internal.progress"  # warns "Progress bars dis
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a run stands: shards committed of those to do, images encoded, seconds since start."""
+    """Where a run stands: units (shards, slices) committed of those to do, images, seconds since start."""
 
-    shards_done: int
-    shards_total: int
+    done: int
+    total: int
     images: int
     seconds: float
+    unit: str = "shards"  # what `done` counts: a run commits whole shards (tokenize) or slices (audit)
 
     @property
     def images_per_second(self) -> float:
@@ -34,10 +35,10 @@ class Progress:
 
     @property
     def eta_seconds(self) -> float | None:
-        """Seconds left at the shard rate so far; None before the first shard (no rate to go on)."""
-        if self.shards_done == 0 or self.seconds <= 0:
+        """Seconds left at the rate of units so far; None before the first (no rate to go on)."""
+        if self.done == 0 or self.seconds <= 0:
             return None
-        return (self.shards_total - self.shards_done) * self.seconds / self.shards_done
+        return (self.total - self.done) * self.seconds / self.done
 
 
 def format_duration(seconds: float | None) -> str:
@@ -55,8 +56,8 @@ def format_duration(seconds: float | None) -> str:
 def format_progress(progress: Progress) -> str:
     """One line: `shards 3/10 | 2400 images | 41.2 images/s | ETA 2m50s`."""
     p = progress
-    percent = 100 * p.shards_done / p.shards_total if p.shards_total else 100.0
-    return (f"shards {p.shards_done}/{p.shards_total} ({percent:.0f}%) | {p.images} images | "
+    percent = 100 * p.done / p.total if p.total else 100.0
+    return (f"{p.unit} {p.done}/{p.total} ({percent:.0f}%) | {p.images} images | "
             f"{p.images_per_second:.1f} images/s | elapsed {format_duration(p.seconds)} | "
             f"ETA {format_duration(p.eta_seconds)}")
 
@@ -84,6 +85,14 @@ class TerminalProgress:
             self.stream.write("\n")
             self.stream.flush()
             self._drawn = False
+
+
+def terminal_progress(args: Any, label: str) -> TerminalProgress | None:
+    """A progress line redrawn on stderr when stderr is a terminal and neither -q nor --json is given;
+    None otherwise (the pipeline then logs one line per committed shard)."""
+    if getattr(args, "quiet", False) or getattr(args, "json", False) or not sys.stderr.isatty():
+        return None
+    return TerminalProgress(label)
 
 
 def quiet_ray_data(verbose: int = 0) -> None:

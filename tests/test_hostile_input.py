@@ -1,4 +1,4 @@
-"""Hostile input on the read side (issue 10): no sample stops a job, every sample is a row or an
+"""Hostile input on the read side: no sample stops a job, every sample is a row or an
 error row, and a tar that cannot be read to its end fails its shard instead of committing short.
 
 First a fast layer that calls the stages directly (hundreds of seeded image mutants, every tar

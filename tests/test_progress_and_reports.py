@@ -19,7 +19,7 @@ from dualtok.pipelines.audit.svg import rank_frequency
 
 # ---- progress --------------------------------------------------------------------------------
 def test_progress_line_states_counts_rate_and_eta():
-    line = format_progress(Progress(shards_done=3, shards_total=10, images=2400, seconds=60.0))
+    line = format_progress(Progress(done=3, total=10, images=2400, seconds=60.0))
     # 7 shards left at 20 s a shard: 140 s
     assert line == "shards 3/10 (30%) | 2400 images | 40.0 images/s | elapsed 1m00s | ETA 2m20s"
     assert "ETA ?" in format_progress(Progress(0, 4, 0, 5.0))  # no shard done: no rate to estimate from

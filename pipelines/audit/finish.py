@@ -28,18 +28,14 @@ from dualtok.pipelines.audit.plan import (
 from dualtok.pipelines.audit.summary import ablation_points, ranked, shard_summaries, variant_summaries
 from dualtok.pipelines.audit.stats import corpus_fingerprint
 from dualtok.pipelines.audit.report import render_audit_report
+from dualtok.pipelines.io.outputs import count_reasons, package_versions, reason_label
 from dualtok.pipelines.io.storage import join
-from dualtok.pipelines.tokenize.pipeline import package_versions
 
 logger = logging.getLogger(__name__)
 
 
 def _reason_counts(errors: pa.Table) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for stage, reason in zip(errors[S.STAGE].to_pylist(), errors[S.REASON].to_pylist()):
-        label = f"{stage}: {reason.split(':')[0]}"
-        counts[label] = counts.get(label, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return count_reasons(map(reason_label, errors[S.STAGE].to_pylist(), errors[S.REASON].to_pylist()))
 
 
 def _sample_text(plan: AuditPlan) -> str:

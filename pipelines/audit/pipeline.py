@@ -14,12 +14,11 @@ an audit made with other settings is refused, so one folder never mixes two audi
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
-import uuid
 from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,6 +42,8 @@ from dualtok.pipelines.audit.stages import (
     pack,
 )
 from dualtok.pipelines.actors import add_actor_stage
+from dualtok.pipelines.io.outputs import new_run_id, parquet_bytes
+from dualtok.pipelines.progress import Progress, format_progress
 from dualtok.pipelines.io.shard_ids import read_input_root
 from dualtok.pipelines.audit.plan import (
     AUDIT_FILE,
@@ -142,12 +143,6 @@ def setup(plan: AuditPlan) -> AuditSetup:
     return AuditSetup(markers, bundle, variants, tokenizer.guide_size, fingerprint, _source_uris(plan, markers))
 
 
-def _parquet(table: pa.Table) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    return buffer.getvalue()
-
-
 # ---- the sample -------------------------------------------------------------------------------
 def _fixed_sample(plan: AuditPlan, audit: AuditSetup, layout: AuditLayout) -> tuple[pa.Table, pa.Table | None]:
     """(slice, shard, index, key) of the whole sample, and its corpus rows when read just now.
@@ -167,7 +162,7 @@ def _fixed_sample(plan: AuditPlan, audit: AuditSetup, layout: AuditLayout) -> tu
     chosen = select_rows(plan.corpus, audit.markers, plan.sample, plan.storage_options or None)
     rows = assign_slices(read_rows(plan.corpus, audit.markers, chosen, plan.storage_options or None), plan.slice_size)
     sample = rows.select(S.AUDIT_SAMPLE_SCHEMA.names).cast(S.AUDIT_SAMPLE_SCHEMA)
-    layout.write(_parquet(sample), SAMPLE_FILE)
+    layout.write(parquet_bytes(sample), SAMPLE_FILE)
     record = {"fingerprint": audit.fingerprint, "corpus": plan.corpus, "bundle": audit.bundle,
               "sample": vars(plan.sample), "render": vars(plan.render), "slice_size": plan.slice_size,
               "variants": [vars(v) for v in audit.variants], "rows": sample.num_rows,
@@ -215,10 +210,12 @@ def slice_payload(rows: pa.Table, shard_uris: dict[str, str]) -> bytes:
 
 
 # ---- the run ----------------------------------------------------------------------------------
-def run_audit(plan: AuditPlan) -> AuditRunSummary:
-    """Audit every slice of the sample not yet committed under `plan.output`, then report."""
+def run_audit(plan: AuditPlan, progress: Callable[[Progress], None] | None = None) -> AuditRunSummary:
+    """Audit every slice of the sample not yet committed under `plan.output`, then report.
+    `progress` (a terminal's progress line) gets each committed slice; without it each commit is
+    logged with the run's rate and ETA."""
     started = time.monotonic()
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    run_id = new_run_id()
     audit = setup(plan)
     layout = AuditLayout(plan.output, plan.storage_options)
     sample, rows = _fixed_sample(plan, audit, layout)
@@ -234,7 +231,8 @@ def run_audit(plan: AuditPlan) -> AuditRunSummary:
         todo = _pending_rows(plan, audit, sample, rows, pending)
         items = [{S.SLICE: name, PAYLOAD: slice_payload(todo.filter(pc.equal(todo[S.SLICE], name)), audit.shard_uris)}
                  for name in pending]
-        committed = _drain(_build_dataset(plan, audit, items), layout, run_id, audit.fingerprint, len(pending))
+        committed = _drain(_build_dataset(plan, audit, items), layout, run_id, audit.fingerprint, len(pending),
+                           progress)
     from dualtok.pipelines.audit.finish import finish_audit  # the report's imports are only paid at the end
 
     return finish_audit(plan, audit, layout, sample, run_id, started, slices_skipped=len(done),
@@ -263,9 +261,11 @@ def _build_dataset(plan: AuditPlan, audit: AuditSetup, items: list[dict[str, Any
     return add_actor_stage(ds, ScoreReconstruction, replace(plan.score, batch_size=1), settings=settings)
 
 
-def _drain(dataset: Any, layout: AuditLayout, run_id: str, fingerprint: str, total: int) -> int:
+def _drain(dataset: Any, layout: AuditLayout, run_id: str, fingerprint: str, total: int,
+           progress: Callable[[Progress], None] | None = None) -> int:
     """Commit each slice as it arrives: tables, then errors, then the marker."""
     done: set[str] = set()
+    images, started = 0, time.monotonic()
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for i, name in enumerate(batch[S.SLICE]):
             name = str(name)
@@ -276,8 +276,14 @@ def _drain(dataset: Any, layout: AuditLayout, run_id: str, fingerprint: str, tot
                       "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             layout.write(json.dumps(marker, indent=1).encode(), MARKERS_DIR, f"{name}.json")
             done.add(name)
-            logger.info("committed slice %s: %d images, %d errors (%d/%d this run)", name, marker["images"],
-                        marker["errors"], len(done), total)
+            images += marker["images"]
+            now = Progress(done=len(done), total=total, images=images, seconds=time.monotonic() - started,
+                           unit="slices")
+            if progress is not None:
+                progress(now)
+            else:
+                logger.info("committed slice %s: %d images, %d errors | %s", name, marker["images"],
+                            marker["errors"], format_progress(now))
     if len(done) != total:
         raise RuntimeError(f"the audit pipeline ended with {total - len(done)} slices uncommitted")
     return len(done)

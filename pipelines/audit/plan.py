@@ -4,7 +4,6 @@ the plan the job resolves, the driver's setup, the run summary, and the files un
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +15,7 @@ from dualtok.pipelines.actors import BundleSource, StageResources
 from dualtok.pipelines.audit.perceptual import PerceptualWeights
 from dualtok.pipelines.audit.sample import SampleSpec
 from dualtok.pipelines.audit.stages import RenderSettings, VariantSpec
-from dualtok.pipelines.io.storage import commit_bytes, filesystem, join
+from dualtok.pipelines.io.outputs import OutputFolder
 
 BASE_VARIANTS = ("dual", "semantic-only", "guide-upsampled")
 TABLES_DIR, ERRORS_DIR, MARKERS_DIR, RUNS_DIR = "tables", "errors", "_committed", "runs"
@@ -92,33 +91,16 @@ class AuditSetup:
     shard_uris: dict[str, str]
 
 
-class AuditLayout:
-    """The audit's files under its output URI (see `schemas.py` for the tables)."""
+class AuditLayout(OutputFolder):
+    """The audit's files under its output URI (see `io/schemas.py` for the tables)."""
 
     def __init__(self, output: str, storage_options: dict[str, Any]) -> None:
+        super().__init__(output, storage_options)
         self.output = output
-        self.fs, _ = filesystem(output, storage_options or None)
-
-    def path(self, *parts: str) -> str:
-        return self.fs._strip_protocol(join(self.output, *parts))
-
-    def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
-
-    def write(self, data: bytes, *parts: str) -> None:
-        commit_bytes(self.fs, self.path(*parts), data)
-
-    def read_json(self, *parts: str) -> dict[str, Any]:
-        return json.loads(self.fs.cat_file(self.path(*parts)))
 
     def committed(self) -> dict[str, dict[str, Any]]:
         """Markers of the slices already done: slice -> marker."""
-        root = self.path(MARKERS_DIR)
-        self.fs.invalidate_cache()  # other processes write here; listings must not be stale
-        if not self.fs.exists(root):
-            return {}
-        return {m["slice"]: m for m in (json.loads(self.fs.cat_file(p)) for p in self.fs.find(root)
-                                        if p.endswith(".json"))}
+        return self.markers(MARKERS_DIR, "slice")
 
     def read_table(self, folder: str, slices: list[str], schema: pa.Schema) -> pa.Table:
         tables = []

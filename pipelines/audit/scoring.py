@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from dualtok_core import metrics
 from dualtok_core.errors import DualtokError
 from dualtok_core.imaging import resize_float, to_uint8
+from dualtok.pipelines.io.outputs import parquet_bytes
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.audit.stages import OK, PAYLOAD, STAGE_SCORE, VariantSpec, fail_rows, image_path, unpack
 from dualtok.pipelines.audit.perceptual import LPIPS, ClipScorer, PerceptualWeights
@@ -56,10 +56,8 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def parquet_bytes(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer, compression="zstd")
-    return buffer.getvalue()
+def rows_parquet(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
+    return parquet_bytes(pa.Table.from_pylist(rows, schema=schema))
 
 
 class ScoreReconstruction:
@@ -81,7 +79,7 @@ class ScoreReconstruction:
                ROWS: np.zeros(n, dtype=np.int64), ERROR_COUNT: np.zeros(n, dtype=np.int64)}
         for i, (name, data) in enumerate(zip(batch[S.SLICE], batch[PAYLOAD])):
             table, errors = self.score_slice(str(name), unpack(data))
-            out[TABLE][i], out[ERRORS][i] = parquet_bytes(table, S.AUDIT_SCHEMA), parquet_bytes(errors, S.AUDIT_ERRORS_SCHEMA)
+            out[TABLE][i], out[ERRORS][i] = rows_parquet(table, S.AUDIT_SCHEMA), rows_parquet(errors, S.AUDIT_ERRORS_SCHEMA)
             out[ROWS][i], out[ERROR_COUNT][i] = len({(r[S.SHARD], r[S.INDEX]) for r in table}), len(errors)
         return {S.SLICE: batch[S.SLICE], **out}
 

@@ -13,7 +13,6 @@ corpus never holds a sample twice.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -22,10 +21,10 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from dualtok.pipelines.io.outputs import OutputFolder, count_reasons, parquet_bytes, reason_label
 from dualtok.pipelines.io import schemas as S
-from dualtok.pipelines.io.storage import StorageFault, commit_bytes, filesystem, join
+from dualtok.pipelines.io.storage import StorageFault, join
 
 logger = logging.getLogger(__name__)
 
@@ -122,17 +121,12 @@ class CorpusLayout:
     def path(self, *parts: str) -> str:
         return join(self.output, *parts)
 
+    def folder(self) -> OutputFolder:
+        return OutputFolder(self.output, self.storage_options)
+
     def committed(self) -> dict[str, dict[str, Any]]:
         """Markers of the shards already done: shard id -> marker."""
-        fs, root = filesystem(self.path(MARKERS_DIR), self.storage_options or None)
-        if not fs.exists(root):
-            return {}
-        markers = {}
-        for path in fs.find(root):
-            if path.endswith(".json"):
-                marker = json.loads(fs.cat_file(path))
-                markers[marker["shard"]] = marker
-        return markers
+        return self.folder().markers(MARKERS_DIR, "shard")
 
 
 class CorpusWriter:
@@ -153,7 +147,7 @@ class CorpusWriter:
         self.done: dict[str, dict[str, Any]] = {}
         self.failed: dict[str, str] = {}
         self.storage_retries: dict[str, int] = {}  # per shard: store retries its read took (END rows)
-        self.fs, _ = filesystem(layout.output, layout.storage_options or None)
+        self.out = layout.folder()
         self.schema = S.corpus_schema(layout.guide_len, layout.semantic_len, layout.metadata)
 
     def add(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -200,9 +194,8 @@ class CorpusWriter:
 
     def _write(self, shard: str, data: bytes, errors: bytes, marker: dict[str, Any]) -> None:
         for directory, body in ((DATA_DIR, data), (ERRORS_DIR, errors)):
-            commit_bytes(self.fs, _fs_path(self.fs, self.layout.path(directory, f"{shard}.parquet")), body)
-        marker_path = self.layout.path(MARKERS_DIR, f"{shard}.json")
-        commit_bytes(self.fs, _fs_path(self.fs, marker_path), json.dumps(marker, indent=1).encode())
+            self.out.write(body, directory, f"{shard}.parquet")
+        self.out.write(json.dumps(marker, indent=1).encode(), MARKERS_DIR, f"{shard}.json")  # last: the commit
 
     def _marker(self, shard: str, pending: _PendingShard, rows: int, errors: list[dict[str, Any]],
                 data_bytes: int) -> dict[str, Any]:
@@ -228,10 +221,6 @@ class CorpusWriter:
         logger.warning("shard %s failed this run, not committed (the next run redoes it): %s", shard, reason)
 
 
-def _fs_path(fs: Any, uri: str) -> str:
-    return fs._strip_protocol(uri)
-
-
 def _text_or_none(value: Any) -> str | None:
     """Ray turns an all-null string column into floats (NaN); a caption is a str or nothing."""
     return value if isinstance(value, str) else None
@@ -243,16 +232,10 @@ def _error_row(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
 
 
 def _reasons(errors: list[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in errors:
-        label = f"{row[S.STAGE]}: {row[S.REASON].split(':')[0]}"
-        counts[label] = counts.get(label, 0) + 1
-    return counts
+    return count_reasons(reason_label(row[S.STAGE], row[S.REASON]) for row in errors)
 
 
 def _parquet_bytes(table: pa.Table, use_dictionary: bool | list[str], encoding: dict[str, str] | None) -> bytes:
-    buffer = io.BytesIO()
     encoding = {k: v for k, v in (encoding or {}).items() if k.split(".")[0] in table.column_names}
-    pq.write_table(table, buffer, compression="zstd", use_dictionary=use_dictionary, write_statistics=[S.INDEX],
-                   column_encoding=encoding or None)
-    return buffer.getvalue()
+    return parquet_bytes(table, use_dictionary=use_dictionary, write_statistics=[S.INDEX],
+                         column_encoding=encoding or None)

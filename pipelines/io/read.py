@@ -1,10 +1,10 @@
 """The tokenize pipeline's CPU stages: shard URIs -> sample rows -> decoded images.
 
-Kept apart from the model stages (`stages.py`) so that the Ray workers running them import
+Kept apart from the model stages (`tokenize/encode.py`, `audit/stages.py`) so that the Ray workers running them import
 numpy, PIL and fsspec only: importing torch and the models costs each worker ~370 MiB of RSS and
 seconds of CPU, for nothing a read worker uses.
 
-Each stage returns a `pyarrow.Table` built with the explicit in-flight types of `schemas.py`, so no
+Each stage returns a `pyarrow.Table` built with the explicit in-flight types of `io/schemas.py`, so no
 column type depends on what one block happens to hold. A shard ends with one END row: a good one
 carries the sample count and the object read (size, version, storage retries); a FAILED one (REASON
 set, SHARD_SAMPLES -1) says why the shard cannot be committed this run: a tar that cannot be read to

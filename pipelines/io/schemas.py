@@ -136,7 +136,7 @@ def read_metadata(schema: pa.Schema) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-# ---- reconstruction audits (pipelines/audit.py) ----------------------------------------------
+# ---- reconstruction audits (pipelines/audit/) ------------------------------------------------
 # Layout under an audit's output URI:
 #   sample.parquet              the sampled corpus rows and the slice each belongs to (AUDIT_SAMPLE_SCHEMA)
 #   tables/<slice>.parquet      one row per (sampled image, variant) with its metrics (AUDIT_SCHEMA)
@@ -196,7 +196,7 @@ AUDIT_ERRORS_SCHEMA = pa.schema(
 )
 
 
-# ---- training metrics (jobs/train_state.py) -------------------------------------------------
+# ---- training metrics (pipelines/train/state.py) --------------------------------------------
 # `<storage_path>/<run>/metrics/<last step>.jsonl` (one file per checkpoint interval) and
 # `<run>/metrics.jsonl` (all, in step order): one JSON object per optimizer step, global over
 # the workers. Loss terms of other stages are absent from a row (null when read with this schema).

@@ -46,6 +46,7 @@ from dualtok_core.errors import DualtokError
 from dualtok.pipelines.io.decode import to_rgb_or_gray
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.config import ConfigError
+from dualtok.pipelines.io.outputs import parquet_bytes
 from dualtok.pipelines.io.storage import commit_bytes, full_uri
 
 logger = logging.getLogger(__name__)
@@ -341,9 +342,7 @@ def _finished_stats(fs: fsspec.AbstractFileSystem, stats_path: str, digest: str)
 
 def _index_parquet(rows: list[dict[str, Any]]) -> bytes:
     columns = {name: [row[name] for row in rows] for name in S.SHARD_INDEX_SCHEMA.names}
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pydict(columns, schema=S.SHARD_INDEX_SCHEMA), buffer)
-    return buffer.getvalue()
+    return parquet_bytes(pa.Table.from_pydict(columns, schema=S.SHARD_INDEX_SCHEMA))
 
 
 def sources_from_folder(path: str, storage_options: dict[str, Any] | None = None) -> list[ImageSource]:

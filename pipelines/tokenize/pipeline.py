@@ -15,14 +15,10 @@ its end: `RunSummary.shards_failed`, never committed), or whose input changed si
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import platform
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from typing import Any, Literal
 
 import numpy as np
@@ -33,16 +29,16 @@ from dualtok.pipelines.io.shard_ids import assign_shard_ids
 from dualtok.pipelines.io.decode import DecodeConfig
 from dualtok.pipelines.io.lease import Lease, LeaseConfig
 from dualtok.pipelines.progress import Progress, format_progress
+from dualtok.pipelines.io.outputs import merge_counts, new_run_id, package_versions
 from dualtok.pipelines.io.read import DecodeImages, ReadShards, add_read_stage
 from dualtok.pipelines.io.shards import ShardLimits
 from dualtok.pipelines.actors import BundleSource, StageResources, add_actor_stage
-from dualtok.pipelines.io.storage import ShardObject, commit_bytes, filesystem, list_shard_objects
+from dualtok.pipelines.io.storage import ShardObject, list_shard_objects
 
 logger = logging.getLogger(__name__)
 
 Streams = Literal["both", "guide", "semantic"]
 _MIN_INFLIGHT_BATCHES = 16
-_PACKAGES = ("dualtok", "torch", "ray", "diffusers", "transformers", "pyarrow", "numpy", "pillow")
 
 
 class BundleMismatchError(RuntimeError):
@@ -133,7 +129,7 @@ def run_tokenize(plan: TokenizePlan, shards: list[ShardObject] | None = None,
     to fail fast on a wrong path); None lists them here. `progress` (a terminal's progress line) is
     called after every batch; without it each committed shard is logged at INFO with the rate and ETA."""
     started = time.monotonic()
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    run_id = new_run_id()
     if shards is None:
         shards = list_shard_objects(plan.inputs, plan.storage_options or None)
     with Lease(plan.output, run_id, plan.lease, plan.storage_options or None) as lease:
@@ -179,11 +175,7 @@ def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease:
 
 
 def _errors_by_reason(markers: dict[str, dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for marker in markers.values():
-        for reason, count in marker.get("errors_by_reason", {}).items():
-            counts[reason] = counts.get(reason, 0) + count
-    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    return merge_counts(marker.get("errors_by_reason", {}) for marker in markers.values())
 
 
 def _layout(plan: TokenizePlan) -> tuple[CorpusLayout, dict[str, Any]]:
@@ -279,25 +271,15 @@ def _drain(dataset: Any, writer: CorpusWriter, total: int, progress: ProgressCal
         markers = writer.add(batch)
         for marker in markers:
             done += 1
-            now = Progress(shards_done=done, shards_total=total, images=images, seconds=time.monotonic() - started)
+            now = Progress(done=done, total=total, images=images, seconds=time.monotonic() - started)
             if progress is None:
                 logger.info("committed shard %s: %d rows, %d errors | %s",
                             marker["shard"], marker["rows"], marker["errors"], format_progress(now))
         if progress is not None:
-            progress(Progress(shards_done=done, shards_total=total, images=images,
+            progress(Progress(done=done, total=total, images=images,
                               seconds=time.monotonic() - started))
     if writer.pending:  # failed shards are not pending: they were dropped when they failed
         raise RuntimeError(f"the pipeline ended with shards still incomplete: {sorted(writer.pending)}")
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def _write_manifest(plan: TokenizePlan, layout: CorpusLayout, run_id: str, summary: RunSummary,
@@ -317,7 +299,6 @@ def _write_manifest(plan: TokenizePlan, layout: CorpusLayout, run_id: str, summa
                    "per_shard": {sid: {k: m[k] for k in ("samples", "rows", "errors", "bundle_fingerprint")}
                                  for sid, m in sorted(markers.items())}},
     }
-    fs, _ = filesystem(plan.output, plan.storage_options or None)
-    body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
-    commit_bytes(fs, fs._strip_protocol(layout.path(RUNS_DIR, f"{run_id}.json")), body)
-    commit_bytes(fs, fs._strip_protocol(layout.path("manifest.json")), body)
+    out = layout.folder()
+    out.write_json(manifest, RUNS_DIR, f"{run_id}.json")
+    out.write_json(manifest, "manifest.json")

@@ -25,7 +25,8 @@ from dualtok.pipelines.train.config import TrainConfig, default_run_name, resolv
 from dualtok.pipelines.train.state import RUN_FILE, ExportRequest, RunLayout, available_parts, bundle_text_tokenizer
 from dualtok.pipelines.train.worker import WorkerPlan
 from dualtok.pipelines.actors import BundleSource
-from dualtok.pipelines.io.storage import commit_bytes, filesystem, join, list_shards
+from dualtok.pipelines.io.outputs import package_versions
+from dualtok.pipelines.io.storage import filesystem, join, list_shards
 from dualtok.pipelines.train.data import TrainingDataConfig, load_text_tokenizer, training_dataset
 
 logger = logging.getLogger(__name__)
@@ -51,15 +52,11 @@ class TrainPlan:
 
     def write_run_record(self) -> None:
         """`<run>/run.json`: the resolved config, package versions and the input bundle, per attempt."""
-        from dualtok.pipelines.tokenize.pipeline import package_versions
-
         record = {"config": resolved_config(self.config), "versions": package_versions(),
                   "input": {"bundle": self.config.bundle, "fingerprint": self.input_fingerprint,
                             "part_hashes": dict(self.worker.source.expected_hashes)},
                   "identity": self.identity, "replaces": self.replaces}
-        fs, _ = filesystem(self.layout.run_dir, self.layout.storage_options or None)
-        body = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
-        commit_bytes(fs, fs._strip_protocol(self.layout.path(RUN_FILE)), body)
+        self.layout.folder().write_json(record, RUN_FILE)
 
 
 def _absolute(uri: str) -> str:

@@ -2,7 +2,7 @@
 
 Under `<storage_path>/<name>/` (any fsspec URI):
     run.json                      the resolved config (secrets redacted), versions, input bundle, and the
-                                  run's identity: what a rerun must match to resume it (jobs/train_plan.py)
+                                  run's identity: what a rerun must match to resume it (train/plan.py)
     checkpoint_*/                 Ray Train's checkpoints (trainable.safetensors, training_state.pt, checkpoint.json)
     metrics/<last step>.jsonl     per-step metrics, one file per checkpoint interval, written with the checkpoint
     metrics.jsonl                 all of them in step order, written at the end
@@ -29,6 +29,7 @@ from dualtok_core.guide import GuideVQModel
 from dualtok_core.training_stages import TrainingStage, stage_class
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.actors import BundleSource
+from dualtok.pipelines.io.outputs import OutputFolder
 from dualtok.pipelines.io.storage import commit_bytes, filesystem, join, revealed
 from dualtok.pipelines.train.data import local_folder
 
@@ -54,59 +55,49 @@ class RunLayout:
     def path(self, *parts: str) -> str:
         return join(self.run_dir, *parts)
 
-    def _fs(self) -> tuple[Any, str]:
-        return filesystem(self.run_dir, self.storage_options or None)
+    def folder(self) -> OutputFolder:
+        return OutputFolder(self.run_dir, self.storage_options)
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Commit the rows of one checkpoint interval; a rerun of the interval overwrites them."""
         if not rows:
             return
-        fs, _ = self._fs()
         body = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
-        commit_bytes(fs, fs._strip_protocol(self.path(METRICS_DIR, f"{rows[-1][S.TRAIN_STEP]:010d}.jsonl")), body)
+        self.folder().write(body, METRICS_DIR, f"{rows[-1][S.TRAIN_STEP]:010d}.jsonl")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every committed metrics row, one per step, in step order."""
-        fs, _ = self._fs()
-        folder = fs._strip_protocol(self.path(METRICS_DIR))
-        fs.invalidate_cache()
-        if not fs.exists(folder):
+        out = self.folder()
+        out.fs.invalidate_cache()
+        if not out.exists(METRICS_DIR):
             return []
         by_step: dict[int, dict[str, Any]] = {}
-        for path in sorted(p for p in fs.find(folder) if p.endswith(".jsonl")):
-            for line in fs.cat_file(path).decode().splitlines():
+        for path in sorted(p for p in out.fs.find(out.path(METRICS_DIR)) if p.endswith(".jsonl")):
+            for line in out.fs.cat_file(path).decode().splitlines():
                 row = json.loads(line)
                 by_step[row[S.TRAIN_STEP]] = row
         return [by_step[step] for step in sorted(by_step)]
 
     def write_merged_metrics(self) -> list[dict[str, Any]]:
         rows = self.read_metrics()
-        fs, _ = self._fs()
-        body = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
-        commit_bytes(fs, fs._strip_protocol(self.path(METRICS_FILE)), body)
+        self.folder().write("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode(), METRICS_FILE)
         return rows
 
     def finished(self) -> dict[str, Any] | None:
-        fs, _ = self._fs()
-        fs.invalidate_cache()
-        marker = fs._strip_protocol(self.path(FINISHED_FILE))
-        return json.loads(fs.cat_file(marker)) if fs.exists(marker) else None
+        return self.folder().read_json(FINISHED_FILE)
 
     def record(self) -> dict[str, Any] | None:
         """The run's `run.json`, or None before its first start."""
-        fs, _ = self._fs()
-        fs.invalidate_cache()
-        path = fs._strip_protocol(self.path(RUN_FILE))
-        return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+        return self.folder().read_json(RUN_FILE)
 
     def has_checkpoints(self) -> bool:
-        fs, _ = self._fs()
-        root = fs._strip_protocol(self.run_dir)
-        return fs.isdir(root) and any(p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_") for p in fs.ls(root))
+        out = self.folder()
+        root = out.path()
+        return out.fs.isdir(root) and any(p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")
+                                          for p in out.fs.ls(root))
 
     def write_finished(self, marker: dict[str, Any]) -> None:
-        fs, _ = self._fs()
-        commit_bytes(fs, fs._strip_protocol(self.path(FINISHED_FILE)), json.dumps(marker, indent=2).encode())
+        self.folder().write_json(marker, FINISHED_FILE)
 
     def ray_storage(self) -> tuple[str, Any]:
         """(storage_path, storage_filesystem) for Ray Train's RunConfig.
