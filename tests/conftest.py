@@ -103,6 +103,14 @@ def s3():
 
 
 @pytest.fixture(scope="session")
+def tiny():
+    """The `tiny` preset bundle (seed 0), every part: built once per session; tests only read it."""
+    from dualtok_core.bundle import DualTokenizer
+
+    return DualTokenizer.from_preset("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
 def ray_session(s3):
     """One local Ray cluster for the session, started after the S3 env is set so that every worker
     inherits it. Yields its address: subprocess drivers (kill tests, `dualtok` runs) connect to it."""

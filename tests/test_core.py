@@ -22,11 +22,6 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def tiny() -> DualTokenizer:
-    return DualTokenizer.from_preset("tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
 def photos() -> np.ndarray:
     images = [skdata.astronaut(), skdata.chelsea(), skdata.coffee()]
     return np.stack([np.ascontiguousarray(im[:300, :300]) for im in images])  # (3, 300, 300, 3)

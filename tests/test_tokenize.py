@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dualtok_core.bundle import DualTokenizer
 from dualtok.jobs.cli import main as cli
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.io.decode import DecodeConfig, decode_image
@@ -47,12 +46,7 @@ def read_errors(fs, prefix: str):
     return pq.ParquetDataset(files, filesystem=fs).read()
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer():
-    return DualTokenizer.from_preset("tiny", seed=0, parts=("guide", "semantic"))
-
-
-def test_s3_to_s3_every_sample_accounted_and_tokens_match(ray_session, s3, tiny_tokenizer):
+def test_s3_to_s3_every_sample_accounted_and_tokens_match(ray_session, s3, tiny):
     fs = s3.filesystem()
     bucket = s3.new_bucket()
     by_key = write_good_shards(fs, f"{bucket}/shards", shards=3, per_shard=5)
@@ -64,12 +58,12 @@ def test_s3_to_s3_every_sample_accounted_and_tokens_match(ray_session, s3, tiny_
     assert table.schema.field(S.GUIDE_TOKENS).type == S.corpus_schema(64, 32, {}).field(S.GUIDE_TOKENS).type
     meta = S.read_metadata(pq.read_schema(fs.open(f"{bucket}/corpus/data/00000.parquet")))
     # the fingerprint covers the parts that made the tokens; per-part hashes let audits match bundles
-    assert meta["bundle_fingerprint"] == tiny_tokenizer.fingerprint and meta["untrained_parts"]
-    assert meta["part_hashes"] == tiny_tokenizer.info.part_hashes
+    assert meta["bundle_fingerprint"] == tiny.fingerprint and meta["untrained_parts"]
+    assert meta["part_hashes"] == tiny.info.part_hashes
 
     keys = table[S.KEY].to_pylist()
     pixels = np.stack([decode_image(by_key[k], DecodeConfig(size=256)).pixels for k in keys])
-    expected = tiny_tokenizer.tokenize(pixels)
+    expected = tiny.tokenize(pixels)
     np.testing.assert_array_equal(np.stack(table[S.GUIDE_TOKENS].to_numpy(zero_copy_only=False)), expected.guide)
     np.testing.assert_array_equal(np.stack(table[S.SEMANTIC_TOKENS].to_numpy(zero_copy_only=False)), expected.semantic)
     assert table[S.CAPTION].to_pylist() == [f"photo {k}" for k in keys]
@@ -231,7 +225,7 @@ def test_shard_with_no_decodable_image_commits_an_empty_data_file(tmp_path):
     assert pq.read_table(tmp_path / "corpus" / "data" / "a.parquet").num_rows == 0
 
 
-def test_encoder_stage_tokens_only_sample_rows_and_drops_images(tiny_tokenizer, one_thread):
+def test_encoder_stage_tokens_only_sample_rows_and_drops_images(tiny, one_thread):
     from dualtok.pipelines.actors import BundleSource, StageResources
     from dualtok.pipelines.tokenize.encode import EncodeTokens
 
@@ -243,7 +237,7 @@ def test_encoder_stage_tokens_only_sample_rows_and_drops_images(tiny_tokenizer, 
     stage = EncodeTokens(BundleSource("tiny"), StageResources(), streams=("guide", "semantic"))
     out = S.inflight_columns(stage(batch))  # the stage returns a typed table, as Ray Data gets it
     assert S.IMAGE not in out  # decoded images never travel past the encoder
-    expected = tiny_tokenizer.tokenize(images[[0, 2]])
+    expected = tiny.tokenize(images[[0, 2]])
     np.testing.assert_array_equal(out[S.GUIDE_TOKENS][[0, 2]], expected.guide)
     np.testing.assert_array_equal(out[S.SEMANTIC_TOKENS][[0, 2]], expected.semantic)
     assert not out[S.GUIDE_TOKENS][[1, 3]].any() and out[S.GUIDE_TOKENS].dtype == np.uint16

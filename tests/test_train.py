@@ -71,11 +71,6 @@ def text_tokenizer(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny() -> DualTokenizer:
-    return DualTokenizer.from_preset("tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
 def photos() -> list[tuple[str, np.ndarray, str]]:
     return sample_photos(4, seed=3)
 
