@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         from dualtok.jobs.stats import print_statistics, write_statistics
 
         stats = write_statistics(config.corpus, config.output, config.storage.storage_options())
-        print_statistics(stats, config.output)
+        print_statistics(stats, config.output, as_json=getattr(args, "json", False))
         return 0
     from dualtok.pipelines.audit.pipeline import run_audit
 

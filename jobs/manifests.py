@@ -59,23 +59,23 @@ class Schedule:
 
 @dataclass(frozen=True)
 class ManifestsConfig:
-    jobs_dir: str = "infra/jobs"
-    output: str = "infra/k8s"
-    image: str = "dualtok:0.1.0"
-    namespace: str = "dualtok"
+    jobs_dir: str = "infra/jobs"  # the job files (one per kind) the manifests mount as config
+    output: str = "infra/k8s"  # where the rendered manifests are written
+    image: str = "dualtok:0.1.0"  # the container image every pod runs (infra/Dockerfile)
+    namespace: str = "dualtok"  # Kubernetes namespace of every resource
     name: str = "dualtok"  # prefix of every resource name
-    ray_version: str = "2.60.0"
+    ray_version: str = "2.60.0"  # KubeRay's rayVersion; must match the image's Ray
     role_arn: str | None = None  # IAM role for the service account (EKS IRSA); None: node or Secret credentials
     auth_secret: str = "dualtok-ray-auth"  # Secret with key `auth_token`: Ray's token authentication
     storage_secret: str = "dualtok-storage"  # optional Secret of AWS_* variables for stores without a role
-    head_cpus: int = 4
-    head_memory: str = "16Gi"
+    head_cpus: int = 4  # the head pod's CPUs (it runs no tasks)
+    head_memory: str = "16Gi"  # the head pod's memory
     shm_size: str = "16Gi"  # /dev/shm for Ray's object store on each pod
     job_backoff_limit: int = 2  # RayJob retries; a retry resumes from what object storage holds
     cluster_ttl_s: int = 600  # keep a finished job's cluster this long (logs), then free its GPUs
     idle_timeout_s: int = 300  # autoscaler removes a worker idle this long
-    time_zone: str = "Etc/UTC"
-    nightly: list[Schedule] = field(default_factory=list)
+    time_zone: str = "Etc/UTC"  # the zone the nightly schedules' times are in
+    nightly: list[Schedule] = field(default_factory=list)  # scheduled jobs: kind, cron schedule, dated output
 
 
 # ---- pod templates --------------------------------------------------------------------------

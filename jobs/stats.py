@@ -24,7 +24,7 @@ STATS_FILE, STATS_REPORT = "stats.json", "stats.html"
 
 @dataclass(frozen=True)
 class StatsConfig:
-    corpus: str = ""
+    corpus: str = ""  # the token corpus (the tokenize job's output)
     output: str = ""  # where stats.json and stats.html go; empty: print only
     top_duplicates: int = 10  # most repeated token sequences listed, with example keys
     storage: StorageConfig = StorageConfig()
@@ -39,22 +39,29 @@ class StatsConfig:
 def write_statistics(corpus: str, output: str, storage_options: dict[str, Any],
                      top_duplicates: int = 10) -> dict[str, Any]:
     """Compute the statistics; when `output` is set, also commit stats.json and stats.html there."""
-    from dualtok.pipelines.audit.stats import corpus_statistics
     from dualtok.pipelines.audit.report import render_stats_report
-    from dualtok.pipelines.io.storage import commit_bytes, filesystem, join
+    from dualtok.pipelines.audit.stats import corpus_statistics
+    from dualtok.pipelines.io.outputs import OutputFolder
 
     stats = corpus_statistics(corpus, storage_options or None, top_duplicates)
     if output:
-        fs, _ = filesystem(output, storage_options or None)
+        out = OutputFolder(output, storage_options)
         generated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        commit_bytes(fs, fs._strip_protocol(join(output, STATS_FILE)), json.dumps(stats, sort_keys=True).encode())
-        html = render_stats_report(stats, generated).encode()
-        commit_bytes(fs, fs._strip_protocol(join(output, STATS_REPORT)), html)
-        logger.info("corpus statistics written to %s", join(output, STATS_REPORT))
+        out.write(json.dumps(stats, sort_keys=True).encode(), STATS_FILE)
+        out.write(render_stats_report(stats, generated).encode(), STATS_REPORT)
+        logger.info("corpus statistics written to %s", out.uri(STATS_REPORT))
     return stats
 
 
-def print_statistics(stats: dict[str, Any], output: str) -> None:
+def print_statistics(stats: dict[str, Any], output: str, as_json: bool = False) -> None:
+    """The statistics on stdout: a few lines for people, or with `as_json` one JSON object only."""
+    from dualtok.pipelines.io.storage import join
+
+    if as_json:
+        record = {"job": "stats", "exit_code": 0, "output": output or None,
+                  "report": join(output, STATS_REPORT) if output else None, "statistics": stats}
+        print(json.dumps(record, sort_keys=True, default=str))
+        return
     print(f"corpus:  {stats['corpus']}  ({stats['shards']} shards, fingerprint {stats['corpus_fingerprint']}, "
           f"bundle {stats['bundle_fingerprint']})")
     print(f"rows:    {stats['rows']} of {stats['samples']} samples; {stats['errors']} errors")
@@ -65,8 +72,6 @@ def print_statistics(stats: dict[str, Any], output: str) -> None:
                  f"{s['dead_codes']} dead codes; ") if "vocab" in s else ""
         print(f"{name + ':':<16} {codes}{s['duplicate_rows']} duplicate rows in {s['duplicate_groups']} groups")
     if output:
-        from dualtok.pipelines.io.storage import join
-
         print(f"report:  {join(output, STATS_REPORT)}")
 
 
@@ -77,5 +82,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(StatsConfig, args)
     stats = write_statistics(config.corpus, config.output, config.storage.storage_options(), config.top_duplicates)
-    print_statistics(stats, config.output)
+    print_statistics(stats, config.output, as_json=getattr(args, "json", False))
     return 0

@@ -27,11 +27,11 @@ logger = logging.getLogger(__name__)
 class StageResources:
     """Resources of one stage; encoder stages run as an actor pool of `actors`..`max_actors`."""
 
-    batch_size: int = 16
-    actors: int = 1
-    max_actors: int | None = None
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
+    batch_size: int = 16  # images per forward pass of one actor
+    actors: int = 1  # actors the pool starts with (each loads its own copy of the models)
+    max_actors: int | None = None  # the pool grows to this many while input waits; None: fixed at `actors`
+    gpus_per_actor: float = 0.0  # GPUs each actor reserves (0.5: two actors share one GPU)
+    cpus_per_actor: float = 1.0  # CPUs each actor reserves; on CPU its torch threads, rounded
     device: str = "auto"  # auto: cuda when the actor has a GPU, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
 

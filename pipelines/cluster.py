@@ -10,7 +10,7 @@ from dataclasses import dataclass
 class RayConfig:
     """Where the job's Ray cluster is: None starts a local one (or uses RAY_ADDRESS, as ray.init does)."""
 
-    address: str | None = None
+    address: str | None = None  # a running cluster (ray://host:10001 or host:6379, "auto"); None: local or RAY_ADDRESS
     num_cpus: int | None = None  # only for a local cluster started by the job
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import re
 import io
 import json
 import textwrap
@@ -366,6 +367,9 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_TYPE_IGNORE = re.compile(r"^type:\s*ignore(\[[^\]]*\])?\s*#?\s*")
+
+
 @functools.cache
 def field_comments(cls: type) -> dict[str, str]:
     """Each field's meaning: the `# comment` ending its line, else the comment lines just above it,
@@ -390,8 +394,10 @@ def _class_comments(klass: type) -> dict[str, str]:
             depth += 1 if tok.type == tokenize.INDENT else -1
             continue
         text = tok.string.lstrip("#").strip() if tok.type == tokenize.COMMENT else ""
+        text = _TYPE_IGNORE.sub("", text)  # a checker's pragma is not a meaning
         if tok.type == tokenize.COMMENT and current is not None:
-            comments[current] = text  # the trailing comment wins over the lines above
+            if text:  # the trailing comment wins over the lines above (and an empty one over nothing)
+                comments[current] = text
         elif tok.type == tokenize.COMMENT and line_start and depth == 1:
             above.append(text)
         elif tok.type == tokenize.OP and tok.string == ":" and previous is not None and depth == 1:

@@ -277,12 +277,17 @@ def _direct_statistics(fs, corpus: str) -> dict:
     return out
 
 
-def test_stats_only_equals_a_direct_pyarrow_computation(world):
+def test_stats_only_equals_a_direct_pyarrow_computation(world, capsys):
     fs, root, bucket = world["fs"], world["root"], world["bucket"]
     assert cli(["audit", "--stats-only", f"corpus={root}/corpus", f"output={root}/stats-a"]) == 0
-    assert cli(["stats", f"corpus={root}/corpus", f"output={root}/stats-b", "top_duplicates=3"]) == 0
+    capsys.readouterr()
+    assert cli(["stats", f"corpus={root}/corpus", f"output={root}/stats-b", "top_duplicates=3", "--json"]) == 0
+    printed = capsys.readouterr().out
     fs.invalidate_cache()
     stats = json.loads(fs.cat_file(f"{bucket}/stats-a/stats.json"))
+    summary = json.loads(printed)  # --json: one JSON object and nothing else on stdout
+    assert (summary["job"], summary["exit_code"], summary["report"]) == ("stats", 0, f"{root}/stats-b/stats.html")
+    assert summary["statistics"] == json.loads(fs.cat_file(f"{bucket}/stats-b/stats.json"))
     direct = _direct_statistics(fs, f"{bucket}/corpus")
     assert stats["rows"] == direct["rows"] == 9 and stats["samples"] == 11
     assert stats["errors"] == direct["errors"] == 2 and stats["by_reason"] == direct["by_reason"]

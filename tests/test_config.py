@@ -175,6 +175,24 @@ def test_help_lists_every_key_with_type_default_and_meaning(capsys):
     assert "  dead_code_every (int, default 100)" in out and "  lr (float, default 0.0001)" in out
 
 
+def test_every_key_of_every_job_says_what_it_means():
+    """`--help` shows each key's meaning from its `# comment`: no job key may go without one, and a
+    type checker's pragma is not a meaning."""
+    import importlib
+
+    from dualtok.jobs.kinds import KINDS
+    from dualtok.jobs.manifests import ManifestsConfig
+    from dualtok.jobs.stats import StatsConfig
+    from dualtok.pipelines.config import config_keys
+
+    types = [getattr(importlib.import_module(k.config_type.split(":")[0]), k.config_type.split(":")[1])
+             for k in KINDS.values()] + [StatsConfig, ManifestsConfig]
+    keys = [(t.__name__, key) for t in types for key in config_keys(t)]
+    assert len(keys) > 150
+    assert [(name, key.key) for name, key in keys if not key.meaning] == []
+    assert not [key.key for _, key in keys if "type: ignore" in key.meaning]
+
+
 def test_print_config_prints_the_resolved_yaml_in_either_dialect_without_ray(capsys):
     import ray
 

@@ -29,19 +29,19 @@ class AuditConfig:
     bundle: str = ""  # bundle path/URI or preset; empty: the bundle the corpus records
     bundle_seed: int | None = None  # weights seed of a preset bundle; None: the corpus's
     guide_bundles: list[str] = field(default_factory=list)  # extra guide branches (16/32/128 px ...) to compare
-    variants: list[str] = field(default_factory=lambda: list(BASE_VARIANTS))
-    sample_size: int | None = None
-    sample_fraction: float | None = None
+    variants: list[str] = field(default_factory=lambda: list(BASE_VARIANTS))  # dual, semantic-only, guide-upsampled
+    sample_size: int | None = None  # corpus rows audited (a seeded sample); default 64 unless sample_fraction
+    sample_fraction: float | None = None  # or this share of the corpus's rows
     seed: int = 0  # the sample and the diffusion noise
     size: int = RenderSettings.size  # output size of every reconstruction (and of the originals it is compared with)
     steps: int = RenderSettings.steps  # DDIM steps of the whole schedule; dual runs int(strength * steps) of them
     strength: float = RenderSettings.strength  # the share of the schedule the guide is inverted to
     guidance: float = RenderSettings.guidance  # classifier-free guidance scale (1: off)
-    inversion_condition: Literal["unconditional", "semantic"] = "unconditional"
+    inversion_condition: Literal["unconditional", "semantic"] = "unconditional"  # the condition DDIM inverts under
     slice_size: int = 16  # sampled images per unit of work (committed together)
     reconstruct: StageResources = StageResources(batch_size=4)  # batch_size: images per forward pass
     score: StageResources = StageResources()  # batch_size: images per LPIPS/CLIP forward pass
-    fetch_cpus: float = 1.0
+    fetch_cpus: float = 1.0  # CPUs of each task fetching and decoding the sampled originals
     metrics: PerceptualWeights = PerceptualWeights()
     report: ReportSettings = ReportSettings()  # grid_images, worst_k, best_k
     corpus_stats: bool = True  # include the corpus statistics section in the report

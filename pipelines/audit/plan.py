@@ -28,8 +28,8 @@ class AuditMismatchError(DualtokError):
 @dataclass(frozen=True)
 class ReportSettings:
     grid_images: int = 8  # rows of the original | guide | variants grid
-    worst_k: int = 4
-    best_k: int = 4
+    worst_k: int = 4  # lowest-scoring images shown per variant
+    best_k: int = 4  # highest-scoring images shown per variant
 
 
 @dataclass(frozen=True)

@@ -283,11 +283,11 @@ class StorageConfig:
     (`dualtok.pipelines.io.storage.filesystem`)."""
 
     endpoint_url: str | None = None  # any S3-compatible endpoint (MinIO, R2, a loopback moto server)
-    region: str | None = None
-    profile: str | None = None
-    anon: bool = False
-    key: SecretStr | None = secret()
-    secret: SecretStr | None = secret()
+    region: str | None = None  # the store's region; None: the AWS chain's (env, profile, instance)
+    profile: str | None = None  # a named profile from ~/.aws/config
+    anon: bool = False  # unsigned requests (public buckets)
+    key: SecretStr | None = secret()  # access key id, for stores without a role or profile (never logged)
+    secret: SecretStr | None = secret()  # secret access key (shown as *** everywhere)
 
     def __post_init__(self) -> None:
         for name in ("key", "secret"):  # built in code with a plain string: wrap it all the same

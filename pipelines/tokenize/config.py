@@ -31,8 +31,8 @@ class ImageConfig:
     max_decoded_bytes: int = DecodeConfig.max_decoded_bytes  # the decoded image in Pillow's mode (16-bit: 2 B/px)
     max_member_bytes: int = ShardLimits.max_member_bytes  # an image or caption member, from its tar header
     max_caption_bytes: int = ShardLimits.max_caption_bytes  # a .txt or .json member
-    min_side: int = DecodeConfig.min_side
-    jpeg_draft: bool = DecodeConfig.draft
+    min_side: int = DecodeConfig.min_side  # a smaller image is an error row, not blown up
+    jpeg_draft: bool = DecodeConfig.draft  # JPEG DCT-domain downscaling when the image is >= 2x the target
 
     def __post_init__(self) -> None:
         for name in ("max_pixels", "max_decoded_bytes", "max_member_bytes", "max_caption_bytes", "min_side"):
@@ -83,10 +83,10 @@ _SIZED_ENCODER_FIELDS = ("actors", "max_actors", "gpus_per_actor", "cpus_per_act
 @dataclass(frozen=True)
 class TokenizeConfig:
     inputs: list[str] = field(default_factory=list)  # prefixes, globs, {00000..00099} braces, @list files
-    output: str = ""
+    output: str = ""  # the corpus folder or URI (data/, errors/, _committed/, manifest.json)
     bundle: str = ""  # required: a bundle path/URI, or a preset name (tiny, small, paper: random weights)
     seed: int = 0  # weights seed when `bundle` is a preset
-    streams: Literal["both", "guide", "semantic"] = "both"
+    streams: Literal["both", "guide", "semantic"] = "both"  # which token columns the corpus gets
     image: ImageConfig = ImageConfig()
     # one actor pool; each actor holds every requested branch; its size sized to the cluster unless set
     encoder: EncoderResources = EncoderResources()
@@ -96,6 +96,8 @@ class TokenizeConfig:
     max_error_fraction: float = 0.5  # exit 4 when more of this run's samples than this are errors; 1.0: never
     prefetch_batches: int = 4  # decoded batches in flight per encoder actor: bounds the object store's use
     max_shards: int | None = None  # tokenize at most this many pending shards this run
+    # A rerun whose bundle differs from the one the corpus was made with: "error" stops; "keep"
+    # tokenizes the new shards with the new bundle (each marker records its bundle's fingerprint).
     on_bundle_change: Literal["error", "keep"] = "error"
     # Shard ids are paths under this folder, fixed when the corpus is first written (recorded in
     # <output>/_corpus.json; unset: the recorded root, or on the first run the shards' common folder).

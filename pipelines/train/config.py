@@ -31,26 +31,26 @@ class TrainConfig:
     storage_path: str = ""  # where runs keep checkpoints and metrics (path or URI)
     name: str = ""  # run name; default: derived from the stage and output, so a rerun resumes
     seed: int = 0  # preset weights seed, and the training seed
-    num_workers: int = 1
-    use_gpu: bool = False
+    num_workers: int = 1  # Ray Train workers (data-parallel ranks)
+    use_gpu: bool = False  # one GPU per worker
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # default {"CPU": 1} (+ 1 GPU)
-    batch_size: int = 64
-    grad_accumulation: int = 1
-    steps: int = 10_000
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_steps: int = 2000
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.999
+    batch_size: int = 64  # images per worker per micro-batch
+    grad_accumulation: int = 1  # micro-batches per optimizer step
+    steps: int = 10_000  # optimizer steps of the whole run
+    lr: float = 1e-4  # peak learning rate, reached after the warmup; cosine decay to min_lr after it
+    min_lr: float = 1e-5  # the learning rate at the last step
+    warmup_lr: float = 1e-6  # the learning rate at step 1, rising linearly to lr
+    warmup_steps: int = 2000  # steps of linear warmup
+    weight_decay: float = 0.05  # AdamW's decoupled weight decay (not applied to norms and biases)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.999  # AdamW beta2
     max_grad_norm: float | None = 1.0  # None: no clipping (SEED clips nothing)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    checkpoint_every: int = 500  # steps between checkpoints (a restart resumes from the latest)
+    keep_checkpoints: int = 2  # checkpoints kept in the run folder; older ones are deleted
     max_failures: int = 3  # worker-group restarts (from the latest checkpoint) before the run fails
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: stream order)
-    read_cpus: float = 1.0
+    read_cpus: float = 1.0  # CPUs of each Ray Data read/decode task feeding the workers
     # A rerun whose config differs from its run's (keys outside RESUME_MAY_CHANGE, the input
     # bundle's weights): "error" stops before training, naming each difference; "new_run" starts a
     # fresh run named `<name>-<digest of the new config>` (which a later rerun resumes).
