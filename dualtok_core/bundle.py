@@ -11,8 +11,11 @@ import functools
 import hashlib
 import json
 import logging
+import contextlib
 import os
+import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ import torch
 from dualtok_core import diffusion, guide, semantic
 from dualtok_core.checkpoints import RANDOM_INIT
 from dualtok_core.errors import BundleError, require_safetensors
-from dualtok_core.imaging import check_token_ids, check_uint8_images, to_model_input, to_uint8
+from dualtok_core.imaging import check_token_ids, check_uint8_images, is_pil_input, pil_batch, to_model_input, to_uint8
 from dualtok_core.presets import PARTS, build_parts, check_compatible, get_preset
 
 logger = logging.getLogger(__name__)
@@ -108,27 +111,37 @@ class DualTokenizer:
         parts: tuple[str, ...] = PARTS,
         storage_options: dict[str, Any] | None = None,
         verify: bool = True,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        revision: str | None = None,
     ) -> "DualTokenizer":
-        """Load a bundle from a local folder or an fsspec URI; `verify` re-hashes the weights."""
-        local = _stage_locally(str(uri), parts, storage_options)
-        info = read_bundle_info(local)
-        loaded = {}
-        for part in parts:
-            folder = local / part
-            if not folder.is_dir():
-                raise BundleError(f"bundle {uri} has no {part!r} part (expected folder {part}/)")
-            require_safetensors(folder, f"bundle {uri}: part")
-            loaded[part] = _LOADERS[part](str(folder)).eval()
-            if verify and part in info.part_hashes:
-                actual = module_hash(loaded[part])
-                if actual != info.part_hashes[part]:
-                    raise BundleError(f"bundle {uri}: {part} weights do not match the hash in bundle.json")
+        """Load a bundle from a local folder, an fsspec URI (s3://, gs://, ...), or a Hugging Face
+        Hub repo id already in the local Hub cache (`revision`: a branch, tag or commit; nothing is
+        downloaded). `verify` re-hashes the weights against bundle.json; `torch_dtype` and `device`
+        place the loaded parts as `.to` does. A remote bundle is staged in a temporary folder that
+        is removed once the weights are in memory."""
+        with _staged(_resolve_hub_id(str(uri), revision), parts, storage_options) as local:
+            info = read_bundle_info(local)
+            loaded = {}
+            for part in parts:
+                folder = local / part
+                if not folder.is_dir():
+                    raise BundleError(f"bundle {uri} has no {part!r} part (expected folder {part}/)")
+                require_safetensors(folder, f"bundle {uri}: part")
+                loaded[part] = _LOADERS[part](str(folder)).eval()
+                if verify and part in info.part_hashes:
+                    actual = module_hash(loaded[part])
+                    if actual != info.part_hashes[part]:
+                        raise BundleError(f"bundle {uri}: {part} weights do not match the hash in bundle.json")
         kept = BundleInfo(
             preset=info.preset,
             sources={p: info.sources.get(p, str(uri)) for p in parts},
             part_hashes={p: h for p, h in info.part_hashes.items() if p in parts},
         )
-        return cls(loaded, kept)
+        tokenizer = cls(loaded, kept)
+        if torch_dtype is not None or device is not None:
+            tokenizer.to(device, torch_dtype)
+        return tokenizer
 
     def save_pretrained(self, uri: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> None:
         """Write every loaded part plus bundle.json to a local folder or an fsspec URI."""
@@ -179,8 +192,15 @@ class DualTokenizer:
     def num_semantic_tokens(self) -> int:
         return int(self.part("semantic").config.num_queries)
 
-    def to(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> "DualTokenizer":
-        self.device, self.dtype = torch.device(device), dtype
+    def to(self, device: str | torch.device | torch.dtype | None = None,
+           dtype: torch.dtype | None = None) -> "DualTokenizer":
+        """Move every part, like `nn.Module.to`: `.to("cuda")` keeps the dtype, `.to(torch.bfloat16)`
+        keeps the device, `.to("cuda", torch.bfloat16)` changes both."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        self.device = torch.device(device) if device is not None else self.device
+        self.dtype = dtype if dtype is not None else self.dtype
+        dtype = self.dtype
         for module in self.parts.values():
             module.to(self.device)
             current = next(module.parameters()).dtype
@@ -189,22 +209,30 @@ class DualTokenizer:
         return self
 
     # ---- tokenize / detokenize ----------------------------------------------------------
+    def _as_batch(self, images: Any) -> Any:
+        """PIL input becomes a uint8 batch at the largest input size of the loaded encoders."""
+        return pil_batch(images, _input_size_of(self.parts)) if is_pil_input(images) else images
+
     @torch.inference_mode()
-    def encode_guide(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """uint8 (B, H, W, 3) -> guide ids (B, h*w) uint16."""
+    def encode_guide(self, images: Any) -> np.ndarray:
+        """uint8 (B, H, W, 3), or PIL image(s) -> guide ids (B, h*w) uint16."""
+        images = self._as_batch(images)
         model = self.part("guide")
         x = to_model_input(check_uint8_images(images), model.config.image_size, self.device, self.dtype)
         return model.encode(x).to("cpu").numpy().astype(np.uint16)
 
     @torch.inference_mode()
-    def encode_semantic(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """uint8 (B, H, W, 3) -> semantic ids (B, 32) uint16."""
+    def encode_semantic(self, images: Any) -> np.ndarray:
+        """uint8 (B, H, W, 3), or PIL image(s) -> semantic ids (B, 32) uint16."""
+        images = self._as_batch(images)
         model = self.part("semantic")
         x = to_model_input(check_uint8_images(images), model.config.image_size, self.device, self.dtype)
         return model.encode(x).to("cpu").numpy().astype(np.uint16)
 
-    def tokenize(self, images: np.ndarray | torch.Tensor) -> Tokens:
-        """uint8 (B, H, W, 3) -> both token streams (whichever parts are loaded)."""
+    def tokenize(self, images: Any) -> Tokens:
+        """uint8 (B, H, W, 3) array or tensor, a PIL image, or a list of PIL images of any sizes ->
+        both token streams (whichever parts are loaded)."""
+        images = self._as_batch(images)
         check_uint8_images(images)
         return Tokens(
             guide=self.encode_guide(images) if "guide" in self.parts else None,
@@ -257,6 +285,10 @@ class DualTokenizer:
         return to_uint8(self.part("diffusion").generate(cond, size=size, steps=steps, guidance=guidance, seed=seed))
 
 
+def _input_size_of(parts: dict[str, torch.nn.Module]) -> int:
+    return max(int(m.config.image_size) for n, m in parts.items() if n in ("guide", "semantic"))
+
+
 def read_bundle_info(local: Path) -> BundleInfo:
     meta = local / "bundle.json"
     if not meta.is_file():
@@ -275,21 +307,50 @@ def _strip_file(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
-def _stage_locally(uri: str, parts: tuple[str, ...], storage_options: dict[str, Any] | None) -> Path:
-    """A local folder with the bundle: the path itself, or a download of the needed parts."""
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _resolve_hub_id(uri: str, revision: str | None) -> str:
+    """`uri` itself, or for `org/name` that is no local folder, its snapshot in the local Hugging
+    Face cache (HF_HUB_CACHE / HF_HOME). Nothing is downloaded: a missing snapshot is an error that
+    says how to fetch it."""
+    if not _is_local(uri) or Path(_strip_file(uri)).exists() or not _REPO_ID.match(uri):
+        return uri
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(uri, revision=revision, local_files_only=True)
+    except LocalEntryNotFoundError as err:
+        raise BundleError(
+            f"{uri} is not a folder here, and the Hugging Face cache ({constants.HF_HUB_CACHE}) holds no "
+            f"snapshot of it{f' at {revision}' if revision else ''}; dualtok downloads nothing at run time: "
+            f"fetch it first (`hf download {uri}`) or give a path or URI"
+        ) from err
+
+
+@contextlib.contextmanager
+def _staged(uri: str, parts: tuple[str, ...], storage_options: dict[str, Any] | None) -> Iterator[Path]:
+    """A local folder with the bundle while the block runs: the path itself, or a temporary download
+    of bundle.json and the needed parts, removed afterwards."""
     if _is_local(uri):
-        return Path(_strip_file(uri))
+        local = Path(_strip_file(uri))
+        if not local.exists():
+            raise BundleError(f"bundle {uri} does not exist")
+        yield local
+        return
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     root = root.rstrip("/")
     if not fs.exists(f"{root}/bundle.json"):
         raise BundleError(f"{uri} is not a dualtok bundle: bundle.json is missing")
-    target = Path(tempfile.mkdtemp(prefix="dualtok-bundle-"))
-    fs.get(f"{root}/bundle.json", str(target / "bundle.json"))
-    for part in parts:
-        if not fs.exists(f"{root}/{part}"):
-            raise BundleError(f"bundle {uri} has no {part!r} part (expected folder {part}/)")
-        fs.get(f"{root}/{part}/", str(target / part) + "/", recursive=True)
-    logger.info("staged bundle %s (%s) in %s", uri, ",".join(parts), target)
-    return target
+    with tempfile.TemporaryDirectory(prefix="dualtok-bundle-") as tmp:
+        target = Path(tmp)
+        fs.get(f"{root}/bundle.json", str(target / "bundle.json"))
+        for part in parts:
+            if not fs.exists(f"{root}/{part}"):
+                raise BundleError(f"bundle {uri} has no {part!r} part (expected folder {part}/)")
+            fs.get(f"{root}/{part}/", str(target / part) + "/", recursive=True)
+        logger.info("staged bundle %s (%s) in %s", uri, ",".join(parts), target)
+        yield target

@@ -7,11 +7,46 @@ that says what is wrong with them when they are not images.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dualtok_core.errors import ImageInputError, TokenInputError
+
+
+def pil_batch(images: Any, size: int) -> np.ndarray:
+    """One PIL image, or a sequence of them of any sizes and modes -> uint8 (B, size, size, 3):
+    each rotated by its EXIF orientation, made RGB (alpha over white), center-cropped square and
+    resized (bicubic) to `size`, the largest input any loaded branch takes. Arrays and tensors are
+    not touched here: they go to `check_uint8_images` as they are."""
+    from PIL import Image, ImageOps
+
+    batch = [images] if isinstance(images, Image.Image) else list(images)
+    if not batch:
+        raise ImageInputError("images is an empty list")
+    out = np.empty((len(batch), size, size, 3), dtype=np.uint8)
+    for i, image in enumerate(batch):
+        if not isinstance(image, Image.Image):
+            raise ImageInputError(f"images[{i}] is a {type(image).__name__}; a list of images must hold PIL images")
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        image = image.convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        out[i] = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC,
+                                         box=(left, top, left + side, top + side)))
+    return out
+
+
+def is_pil_input(images: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(images, Image.Image) or (
+        isinstance(images, (list, tuple)) and any(isinstance(i, Image.Image) for i in images))
 
 
 def check_uint8_images(images: np.ndarray | torch.Tensor, min_size: int = 1) -> torch.Tensor:

@@ -71,12 +71,73 @@ def test_save_load_round_trip_keeps_ids_and_fingerprint(tiny, photos, tmp_path):
         guide_only.encode_semantic(photos)
 
 
-def test_bundle_on_s3_loads(s3, tiny, photos):
+def test_bundle_on_s3_loads_and_leaves_no_staging_folder(s3, tiny, photos, tmp_path, monkeypatch):
+    import tempfile
+
     bucket = s3.new_bucket()
     uri = f"s3://{bucket}/bundles/tiny"
     tiny.save_pretrained(uri)
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))  # where this process's temporary folders go
     loaded = DualTokenizer.from_pretrained(uri, parts=("guide", "semantic"))
     np.testing.assert_array_equal(loaded.tokenize(photos).semantic, tiny.tokenize(photos).semantic)
+    assert list(staging.iterdir()) == []  # the download is gone once the weights are in memory
+    with pytest.raises(BundleError, match="bundle.json is missing"):
+        DualTokenizer.from_pretrained(f"s3://{bucket}/nothing")
+    assert list(staging.iterdir()) == []
+
+
+def test_from_pretrained_reads_a_bundle_from_the_local_hugging_face_cache(tiny, tmp_path, monkeypatch):
+    """`org/name` resolves to its snapshot in the Hub cache, offline; a revision picks another."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--dualtok--tiny"
+    main, other = "a" * 40, "b" * 40
+    tiny.save_pretrained(repo / "snapshots" / main)
+    DualTokenizer.from_preset("tiny", seed=1).save_pretrained(repo / "snapshots" / other)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(main)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # as HF_HUB_CACHE=... would
+    monkeypatch.chdir(tmp_path)  # no folder named dualtok/tiny here
+    assert DualTokenizer.from_pretrained("dualtok/tiny", parts=("guide",)).fingerprint == \
+        DualTokenizer.from_pretrained(repo / "snapshots" / main, parts=("guide",)).fingerprint
+    seed1 = DualTokenizer.from_pretrained("dualtok/tiny", parts=("guide",), revision=other)
+    assert seed1.info.part_hashes["guide"] != tiny.info.part_hashes["guide"]
+    with pytest.raises(BundleError, match=r"holds no snapshot of it; dualtok downloads nothing.*hf download dualtok/other"):
+        DualTokenizer.from_pretrained("dualtok/other")
+
+
+def test_to_and_torch_dtype_behave_like_nn_module(tiny, tmp_path, photos):
+    tiny.save_pretrained(tmp_path / "b")
+    half = DualTokenizer.from_pretrained(tmp_path / "b", parts=("guide",), torch_dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and next(half.part("guide").parameters()).dtype == torch.bfloat16
+    half.to("cpu")  # a device alone keeps the dtype
+    assert half.dtype == torch.bfloat16 and next(half.part("guide").parameters()).dtype == torch.bfloat16
+    half.to(torch.float32)  # a dtype alone keeps the device
+    assert next(half.part("guide").parameters()).dtype == torch.float32 and half.device == torch.device("cpu")
+    assert half.encode_guide(photos).shape == (3, 64)  # bf16-rounded weights: other ids, same contract
+    full = DualTokenizer.from_pretrained(tmp_path / "b", parts=("guide",), torch_dtype=torch.float32, device="cpu")
+    np.testing.assert_array_equal(full.encode_guide(photos), tiny.encode_guide(photos))
+
+
+def test_pil_images_of_any_size_and_mode_tokenize(tiny, photos):
+    from PIL import Image
+
+    square = Image.fromarray(np.ascontiguousarray(photos[0, :256, :256]))
+    tokens = tiny.tokenize(square)  # one image, no batch axis needed
+    expected = tiny.tokenize(photos[:1, :256, :256])
+    np.testing.assert_array_equal(tokens.guide, expected.guide)
+    np.testing.assert_array_equal(tokens.semantic, expected.semantic)
+    wide = Image.fromarray(np.ascontiguousarray(photos[1, :200, :300]))
+    rgba = square.convert("RGBA")
+    gray = square.convert("L")
+    mixed = tiny.tokenize([wide, rgba, gray])
+    assert mixed.guide.shape == (3, 64) and mixed.semantic.shape == (3, 32)
+    np.testing.assert_array_equal(mixed.guide[1], expected.guide[0])  # opaque alpha changes nothing
+    with pytest.raises(ImageInputError, match=r"images\[1\] is a ndarray"):
+        tiny.tokenize([square, photos[0]])
 
 
 def test_bundle_errors_name_what_is_wrong(tiny, tmp_path):

@@ -6,11 +6,15 @@ whole: one PUT on object stores, write-then-rename on local disks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
+import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -311,3 +315,23 @@ class StorageConfig:
         if self.key or self.secret:
             options.update(key=self.key, secret=self.secret)
         return options
+
+
+@contextlib.contextmanager
+def local_copy(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[Path]:
+    """A local folder holding `uri`'s files while the block runs: the path itself, or a temporary
+    download of the object prefix, removed afterwards."""
+    from dualtok_core.errors import BundleError
+
+    if "://" not in uri or uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://"))
+        if not path.is_dir():
+            raise BundleError(f"folder {uri} does not exist")
+        yield path
+        return
+    fs, root = filesystem(uri, storage_options)
+    if not fs.isdir(root):
+        raise BundleError(f"folder {uri} does not exist")
+    with tempfile.TemporaryDirectory(prefix="dualtok-asset-") as target:
+        fs.get(root.rstrip("/") + "/", str(target) + "/", recursive=True)
+        yield Path(target)

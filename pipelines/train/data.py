@@ -12,9 +12,7 @@ Bad samples, which the tokenize job records in its errors table, are simply skip
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +21,7 @@ from dualtok_core.errors import BundleError, DualtokError
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.io.decode import DecodeConfig
 from dualtok.pipelines.io.read import DecodeImages, ReadShards
-from dualtok.pipelines.io.storage import filesystem
+from dualtok.pipelines.io.storage import local_copy
 
 logger = logging.getLogger(__name__)
 
@@ -77,21 +75,6 @@ def training_dataset(shards: list[str], config: TrainingDataConfig) -> Any:
 
 
 # ---- captions -> Q-Former text ids ----------------------------------------------------------
-def local_folder(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
-    """A local folder holding `uri`'s files: the path itself, or a download of the object prefix."""
-    if "://" not in uri or uri.startswith("file://"):
-        path = Path(uri.removeprefix("file://"))
-        if not path.is_dir():
-            raise BundleError(f"folder {uri} does not exist")
-        return path
-    fs, root = filesystem(uri, storage_options)
-    if not fs.isdir(root):
-        raise BundleError(f"folder {uri} does not exist")
-    target = Path(tempfile.mkdtemp(prefix="dualtok-asset-"))
-    fs.get(root.rstrip("/") + "/", str(target) + "/", recursive=True)
-    return target
-
-
 def load_text_tokenizer(uri: str, vocab_size: int, storage_options: dict[str, Any] | None = None) -> Any:
     """The Q-Former's BERT-style text tokenizer from a folder (local or URI) in transformers' format.
 
@@ -100,8 +83,8 @@ def load_text_tokenizer(uri: str, vocab_size: int, storage_options: dict[str, An
     """
     from transformers import AutoTokenizer
 
-    folder = local_folder(uri, storage_options)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    with local_copy(uri, storage_options) as folder:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if len(tokenizer) > vocab_size:
         raise BundleError(
             f"text tokenizer {uri} has {len(tokenizer)} tokens but the Q-Former embeds {vocab_size}: "

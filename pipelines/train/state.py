@@ -30,8 +30,7 @@ from dualtok_core.training_stages import TrainingStage, stage_class
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.actors import BundleSource
 from dualtok.pipelines.io.outputs import OutputFolder
-from dualtok.pipelines.io.storage import commit_bytes, filesystem, join, revealed
-from dualtok.pipelines.train.data import local_folder
+from dualtok.pipelines.io.storage import commit_bytes, filesystem, join, local_copy, revealed
 
 logger = logging.getLogger(__name__)
 
@@ -203,9 +202,8 @@ def branch_for_stage(
     model = tokenizer.part(part)
     if stage == "guide" and init_from_movq:
         config = model.config
-        model, report = GuideVQModel.from_movq(
-            local_folder(init_from_movq, storage_options), image_size=config.image_size, guide_size=config.guide_size
-        )
+        with local_copy(init_from_movq, storage_options) as folder:
+            model, report = GuideVQModel.from_movq(folder, image_size=config.image_size, guide_size=config.guide_size)
         logger.info("guide initialised from MoVQ %s: %s", init_from_movq, report.summary())
     return model
 
@@ -248,12 +246,12 @@ def _carry_text_tokenizer(request: ExportRequest, has_semantic: bool) -> None:
     source = request.text_tokenizer or bundle_text_tokenizer(request.source)
     if source is None:
         return
-    folder = local_folder(source, request.storage_options or None)
     fs, root = filesystem(join(request.output, TEXT_TOKENIZER_DIR), request.storage_options or None)
     fs.makedirs(root, exist_ok=True)
-    for path in sorted(folder.iterdir()):
-        if path.is_file():
-            commit_bytes(fs, f"{root.rstrip('/')}/{path.name}", path.read_bytes())
+    with local_copy(source, request.storage_options or None) as folder:
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                commit_bytes(fs, f"{root.rstrip('/')}/{path.name}", path.read_bytes())
 
 
 def bundle_text_tokenizer(source: BundleSource) -> str | None:
