@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("dualtok.jobs.tokenize", "tokenize WebDataset shards into a Parquet token corpus (Ray Data)"),
     "train": ("dualtok.jobs.train", "train one stage of the tokenizer with Ray Train"),
     "audit": ("dualtok.jobs.audit", "audit how faithfully a token corpus reconstructs its images: tables + HTML report"),
+    "export": ("dualtok.jobs.export", "export a token corpus as LLM training sequences (Megatron .bin/.idx or Parquet)"),
     "stats": ("dualtok.jobs.stats", "corpus statistics: rows, errors, codebook usage, perplexity, duplicate token sequences"),
     "submit": ("dualtok.jobs.submit", "submit a job file to a Ray cluster's job server, once per (job, config, day)"),
     "stack": ("dualtok.jobs.local_stack", "start/stop a local Ray head with its job server and a loopback S3 endpoint"),

@@ -184,9 +184,10 @@ def test_every_key_of_every_job_says_what_it_means():
     from dualtok.jobs.manifests import ManifestsConfig
     from dualtok.jobs.stats import StatsConfig
     from dualtok.pipelines.config import config_keys
+    from dualtok.pipelines.sequences.export import ExportConfig
 
     types = [getattr(importlib.import_module(k.config_type.split(":")[0]), k.config_type.split(":")[1])
-             for k in KINDS.values()] + [StatsConfig, ManifestsConfig]
+             for k in KINDS.values()] + [StatsConfig, ManifestsConfig, ExportConfig]
     keys = [(t.__name__, key) for t in types for key in config_keys(t)]
     assert len(keys) > 150
     assert [(name, key.key) for name, key in keys if not key.meaning] == []

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -177,3 +179,115 @@ def test_restore_with_another_worker_count_is_refused(corpus, text_tokenizer):
     single.load_state_dict(first.state_dict())
     with pytest.raises(ValueError, match="same world size and num_workers"):
         next(iter(single))  # num_workers=0: one slot where the saved state had two
+
+
+# ---- dualtok export ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, text_tokenizer) -> str:
+    folder = tmp_path_factory.mktemp("text-tokenizer")
+    text_tokenizer.save_pretrained(str(folder))
+    return str(folder)
+
+
+def expected_sequences(corpus: str, text_tokenizer, order: str = "t2i") -> dict[str, np.ndarray]:
+    """Row key -> its sequence by the contract, built here from the corpus files."""
+    c = contract(len(text_tokenizer))
+    out = {}
+    for f, rows in enumerate(ROWS_PER_FILE):
+        table = pq.read_table(f"{corpus}/data/{f:05d}.parquet")
+        for r in range(rows):
+            caption = table[S.CAPTION][r].as_py()
+            text = text_tokenizer(caption, add_special_tokens=False)["input_ids"] if caption else []
+            guide = np.array(table[S.GUIDE_TOKENS][r].as_py())
+            semantic = np.array(table[S.SEMANTIC_TOKENS][r].as_py())
+            out[table[S.KEY][r].as_py()] = c.sequence(text, guide, semantic, order)
+    return out
+
+
+def test_megatron_export_reads_back_with_megatron_core_split_by_key_and_resumes(
+    ray_session, corpus, text_tokenizer, tokenizer_dir, tmp_path
+):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from dualtok.pipelines.sequences.export import ExportConfig, heldout_mask, run_export
+
+    corpus = str(shutil.copytree(corpus, tmp_path / "corpus"))  # this test re-tokenizes a shard of its own
+    out = tmp_path / "export"
+    config = ExportConfig(corpus=corpus, output=str(out), text_tokenizer=tokenizer_dir, format="megatron",
+                          heldout_fraction=0.3, split_seed=7)
+    summary = run_export(config)
+    assert (summary.shards_committed, summary.shards_skipped) == (len(ROWS_PER_FILE), 0)
+    expected = expected_sequences(corpus, text_tokenizer)
+    keys = sorted(expected)
+    held = {k for k, h in zip(keys, heldout_mask(keys, 0.3, 7)) if h}
+    assert 0 < len(held) < len(keys)  # 27 rows, about 8 held out
+    found: dict[str, list[list[int]]] = {"train": [], "heldout": []}
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split in ("train", "heldout"):
+        for name in manifest["files"][split]:
+            if name.endswith(".idx"):
+                dataset = IndexedDataset(str(out / name[: -len(".idx")]))  # Megatron's own reader
+                assert dataset.index.dtype == np.uint16
+                found[split] += [dataset[i].tolist() for i in range(len(dataset))]
+    want = lambda keep: sorted(expected[k].tolist() for k in keys if keep(k))
+    assert sorted(found["train"]) == want(lambda k: k not in held)  # every row once, in its split
+    assert sorted(found["heldout"]) == want(lambda k: k in held)
+    assert summary.rows == {"train": len(keys) - len(held), "heldout": len(held)}
+    # the contract and the extended tokenizer travel with the export; it decodes its own sequences
+    from transformers import AutoTokenizer
+
+    saved = SequenceContract.from_json((out / "contract.json").read_text())
+    assert saved == contract(len(text_tokenizer))
+    extended = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    assert len(extended) == saved.vocab_size
+    _, guide, semantic = saved.split(found["train"][0])
+    assert guide.shape == (GUIDE_LEN,) and semantic.shape == (SEMANTIC_LEN,)
+
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "train").iterdir()}
+    again = run_export(config)
+    assert (again.shards_committed, again.shards_skipped) == (0, len(ROWS_PER_FILE))
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "train").iterdir()} == before  # nothing rewritten
+    # the corpus re-tokenizes one shard (a new run's marker): the next export redoes that shard only
+    marker_file = Path(corpus) / "_committed" / "00002.json"
+    marker_file.write_text(json.dumps({**json.loads(marker_file.read_text()), "run_id": "retokenized"}))
+    redone = run_export(config)
+    assert (redone.shards_committed, redone.shards_skipped) == (1, len(ROWS_PER_FILE) - 1)
+    assert json.loads((out / "_committed" / "00002.json").read_text())["corpus_run_id"] == "retokenized"
+    with pytest.raises(ValueError, match="holds an export with other settings.*heldout_fraction"):
+        run_export(ExportConfig(corpus=corpus, output=str(out), text_tokenizer=tokenizer_dir, heldout_fraction=0.5,
+                                split_seed=7))
+
+
+def test_parquet_export_packs_each_shard_into_seq_len_chunks(ray_session, corpus, text_tokenizer, tokenizer_dir,
+                                                             tmp_path):
+    from dualtok.pipelines.sequences.export import ExportConfig, run_export
+
+    out = tmp_path / "packed"
+    summary = run_export(ExportConfig(corpus=corpus, output=str(out), text_tokenizer=tokenizer_dir,
+                                      format="parquet", seq_len=16, order="i2t"))
+    expected = expected_sequences(corpus, text_tokenizer, "i2t")
+    for f, rows in enumerate(ROWS_PER_FILE):
+        table = pq.read_table(out / "train" / f"{f:05d}.parquet")
+        chunks = table["input_ids"].to_pylist()
+        assert all(len(c) == 16 for c in chunks[:-1]) and 0 < len(chunks[-1]) <= 16
+        flat = [t for c in chunks for t in c]  # the shard's sequences in row order, cut at 16
+        assert flat == [t for r in range(rows) for t in expected[f"{f:05d}-{r}"].tolist()]
+        meta = table.schema.metadata[b"dualtok.sequence_contract"]
+        assert SequenceContract.from_json(meta) == contract(len(text_tokenizer))
+    assert summary.rows == {"train": sum(ROWS_PER_FILE), "heldout": 0}
+    assert summary.tokens["train"] == sum(len(s) for s in expected.values())
+
+
+def test_export_command_prints_json_and_refuses_a_missing_corpus(ray_session, corpus, tokenizer_dir, tmp_path,
+                                                                 capsys):
+    from dualtok.jobs.cli import main as cli
+
+    argv = ["export", f"corpus={corpus}", f"output={tmp_path / 'out'}", f"text_tokenizer={tokenizer_dir}",
+            "format=parquet", "heldout_fraction=0.2", "--json"]
+    assert cli(argv) == 0
+    record = json.loads(capsys.readouterr().out)  # stdout holds the one JSON object
+    assert record["job"] == "export" and record["shards"]["committed"] == len(ROWS_PER_FILE)
+    assert record["rows"]["train"] + record["rows"]["heldout"] == sum(ROWS_PER_FILE)
+    assert cli(["export", f"corpus={tmp_path / 'nowhere'}", f"output={tmp_path / 'o2'}",
+                f"text_tokenizer={tokenizer_dir}"]) == 2
+    assert "holds no committed shards" in capsys.readouterr().err

@@ -1,0 +1,316 @@
+"""`dualtok export`: a token corpus -> LLM training sequences in the files pretraining stacks read.
+
+    corpus shards (committed, not yet exported) -> ExportShard (Ray Data tasks, one corpus shard per
+    call: rows -> contract sequences -> optional packing -> train / heldout files, written where the
+    task runs) -> driver: one marker per shard, last, then the manifest.
+
+Formats (each shard's files under `<output>/<split>/`, split = train | heldout):
+- `megatron`: Megatron-LM / NeMo indexed datasets, `<shard>.bin` + `<shard>.idx` (the `MMIDIDX`
+  format of `megatron.core.datasets.indexed_dataset`), one document per sequence. List the
+  prefixes in Megatron's `--data-path`; its GPTDataset packs documents into `--seq-length` itself.
+- `parquet`: `<shard>.parquet` with `input_ids` (list<int32>) and, unpacked, the row's `key`:
+  for Hugging Face `datasets`, Spark, DuckDB or any custom loader.
+
+Every sequence follows the contract in `dualtok_core.sequences` (written to `<output>/contract.json`,
+into each Parquet file's metadata and the manifest); `<output>/tokenizer/` is the text tokenizer
+extended with the contract's tokens, so an LLM trained on the export decodes its own output.
+
+Exactly once and resumable like tokenize: a shard's files are written whole by its task, its
+marker (`_committed/<shard>.json`) by the driver after them; a rerun skips shards whose marker
+names the same corpus commit, and redoes one the corpus re-tokenized since. The held-out split is
+by a hash of (split_seed, row key), so a row's split does not depend on the shard it is in or on
+the run. With `seq_len`, each shard's sequences are concatenated in row order and cut into
+`seq_len`-token chunks (the last one shorter): packing never crosses a shard, which keeps every
+shard's output a function of that shard alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dualtok.pipelines.cluster import RayConfig
+from dualtok.pipelines.config import ConfigError
+from dualtok.pipelines.io import schemas as S
+from dualtok.pipelines.io.corpus import MARKERS_DIR
+from dualtok.pipelines.io.outputs import OutputFolder, new_run_id, package_versions, parquet_bytes
+from dualtok.pipelines.io.storage import StorageConfig, filesystem, join
+
+logger = logging.getLogger(__name__)
+
+Format = Literal["megatron", "parquet"]
+SPLITS = ("train", "heldout")
+CONTRACT_FILE, TOKENIZER_DIR, MANIFEST_FILE = "contract.json", "tokenizer", "manifest.json"
+_MEGATRON_HEADER = b"MMIDIDX\x00\x00"
+_MEGATRON_DTYPES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}  # megatron.core's DType codes
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What `dualtok export` takes."""
+
+    corpus: str = ""  # the token corpus (the tokenize job's output)
+    output: str = ""  # the export folder or URI: train/, heldout/, _committed/, contract.json, tokenizer/
+    text_tokenizer: str = ""  # a transformers tokenizer folder (local or URI): the LLM's text ids
+    format: Format = "megatron"  # megatron (.bin + .idx) or parquet (input_ids per row or chunk)
+    order: Literal["t2i", "i2t"] = "t2i"  # t2i: caption then image (generation); i2t: image then caption
+    seq_len: int | None = None  # pack each shard's sequences into chunks of this many tokens; None: one per row
+    heldout_fraction: float = 0.0  # share of rows (by a hash of their key) written to heldout/ instead of train/
+    split_seed: int = 0  # the held-out hash's seed: another seed holds out other rows
+    max_shards: int | None = None  # export at most this many pending shards this run
+    task_cpus: float = 1.0  # CPUs each export task (one corpus shard) reserves
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+
+    def __post_init__(self) -> None:
+        for key in ("corpus", "output", "text_tokenizer"):
+            if not getattr(self, key):
+                raise ValueError(f"{key} is empty: export needs corpus, output and text_tokenizer")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2 (or unset), got {self.seq_len}")
+
+
+@dataclass
+class ExportSummary:
+    output: str
+    shards_total: int
+    shards_skipped: int
+    shards_committed: int
+    rows: dict[str, int]  # by split, in the whole export
+    tokens: dict[str, int]  # by split, in the whole export
+    sequences: dict[str, int]  # documents (megatron) or Parquet rows, by split
+    seconds: float
+    contract: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- the split and the formats (no Ray) ----------------------------------------------------------
+def heldout_mask(keys: list[str], fraction: float, seed: int) -> np.ndarray:
+    """True where a row goes to heldout/: the first 8 bytes of sha256(seed, key) below `fraction` of 2^64."""
+    if fraction <= 0:
+        return np.zeros(len(keys), dtype=bool)
+    limit = int(fraction * 2**64)
+    return np.array([int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "big") < limit
+                     for key in keys], dtype=bool)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (Megatron's own choice below 65500), else int32."""
+    return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
+
+
+def pack(sequences: list[np.ndarray], seq_len: int) -> list[np.ndarray]:
+    """Concatenate in order and cut into `seq_len` chunks; the last chunk keeps the remainder."""
+    if not sequences:
+        return []
+    flat = np.concatenate(sequences)
+    return [flat[i: i + seq_len] for i in range(0, len(flat), seq_len)]
+
+
+def megatron_files(sequences: list[np.ndarray], dtype: np.dtype) -> tuple[bytes, bytes]:
+    """(.bin, .idx) of an indexed dataset with one document per sequence, as Megatron writes them."""
+    lengths = np.array([len(s) for s in sequences], dtype=np.int32)
+    pointers = np.zeros(len(sequences), dtype=np.int64)
+    if len(sequences) > 1:
+        pointers[1:] = np.cumsum(lengths[:-1].astype(np.int64)) * dtype.itemsize
+    documents = np.arange(len(sequences) + 1, dtype=np.int64)  # sequence i ends document i
+    index = b"".join([
+        _MEGATRON_HEADER, struct.pack("<Q", 1), struct.pack("<B", _MEGATRON_DTYPES[dtype]),
+        struct.pack("<Q", len(sequences)), struct.pack("<Q", len(documents)),
+        lengths.tobytes(), pointers.tobytes(), documents.tobytes(),
+    ])
+    data = b"".join(np.asarray(s, dtype=dtype).tobytes() for s in sequences)
+    return data, index
+
+
+# ---- one corpus shard -> its export files (runs in a Ray task) ----------------------------------------
+@dataclass(frozen=True)
+class ShardJob:
+    """What the task for one corpus shard needs; pickled to the worker."""
+
+    corpus: str
+    output: str
+    format: Format
+    order: str
+    seq_len: int | None
+    heldout_fraction: float
+    split_seed: int
+    contract_json: str
+    text_tokenizer: str
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+class ExportShard:
+    """Ray Data callable: one row {shard, data_file} -> its files written, its counts returned."""
+
+    def __init__(self, job: ShardJob) -> None:
+        from transformers import AutoTokenizer
+
+        from dualtok_core.sequences import SequenceContract
+        from dualtok.pipelines.io.storage import local_copy
+
+        self.job = job
+        self.contract = SequenceContract.from_json(job.contract_json)
+        with local_copy(job.text_tokenizer, job.storage_options or None) as folder:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.dtype = token_dtype(self.contract.vocab_size)
+        self.out = OutputFolder(job.output, job.storage_options)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        shard, data_file = str(row["shard"]), str(row["data_file"])
+        fs, path = filesystem(join(self.job.corpus, data_file), self.job.storage_options or None)
+        with fs.open(path, "rb") as handle:
+            table = pq.read_table(handle, columns=[S.KEY, S.INDEX, S.CAPTION, S.GUIDE_TOKENS, S.SEMANTIC_TOKENS])
+        n = table.num_rows
+        guide = np.asarray(table[S.GUIDE_TOKENS].combine_chunks().flatten()).reshape(n, -1)
+        semantic = np.asarray(table[S.SEMANTIC_TOKENS].combine_chunks().flatten()).reshape(n, -1)
+        keys = [key if key else f"{shard}/{index}" for key, index in
+                zip(table[S.KEY].to_pylist(), table[S.INDEX].to_pylist())]
+        captions = table[S.CAPTION].to_pylist()
+        texts = [self.tokenizer(c, add_special_tokens=False)["input_ids"] if c else [] for c in captions]
+        sequences = [self.contract.sequence(t, guide[i], semantic[i], self.job.order) for i, t in enumerate(texts)]
+        heldout = heldout_mask(keys, self.job.heldout_fraction, self.job.split_seed)
+        counts: dict[str, Any] = {"shard": shard}
+        for split, chosen in (("train", ~heldout), ("heldout", heldout)):
+            rows = [i for i in range(n) if chosen[i]]
+            items = [sequences[i] for i in rows]
+            chunks = pack(items, self.job.seq_len) if self.job.seq_len else items
+            self._write(split, shard, chunks, None if self.job.seq_len else [keys[i] for i in rows])
+            counts[split] = {"rows": len(rows), "sequences": len(chunks), "tokens": int(sum(len(c) for c in chunks))}
+        return {"result": json.dumps(counts)}
+
+    def _write(self, split: str, shard: str, chunks: list[np.ndarray], keys: list[str] | None) -> None:
+        """A split's files for this shard; none when the split got no row here (the manifest lists
+        only files that exist)."""
+        if not chunks:
+            return
+        if self.job.format == "megatron":
+            data, index = megatron_files(chunks, self.dtype)
+            self.out.write(data, split, f"{shard}.bin")
+            self.out.write(index, split, f"{shard}.idx")  # after the .bin: a reader opens the index first
+            return
+        columns: dict[str, Any] = {"input_ids": pa.array([c.astype(np.int32) for c in chunks],
+                                                         pa.list_(pa.int32()))}
+        if keys is not None:
+            columns["key"] = pa.array(keys, pa.string())
+        table = pa.table(columns).replace_schema_metadata({b"dualtok.sequence_contract": self.job.contract_json})
+        self.out.write(parquet_bytes(table), split, f"{shard}.parquet")
+
+
+# ---- the driver --------------------------------------------------------------------------------
+def run_export(config: ExportConfig) -> ExportSummary:
+    """Export every committed corpus shard not yet exported; markers and the manifest on the driver."""
+    import ray
+
+    from dualtok_core.sequences import SequenceContract, extend_tokenizer
+    from dualtok.pipelines.io.storage import local_copy
+
+    started = time.monotonic()
+    options = config.storage.storage_options()
+    corpus_markers = OutputFolder(config.corpus, options).markers(MARKERS_DIR, "shard")
+    if not corpus_markers:
+        raise ConfigError(f"corpus {config.corpus} holds no committed shards (no {MARKERS_DIR}/*.json)")
+    metadata = _corpus_metadata(config.corpus, corpus_markers, options)
+    from transformers import AutoTokenizer
+
+    with local_copy(config.text_tokenizer, options or None) as folder:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    contract = SequenceContract.for_corpus(metadata, len(tokenizer))
+    out = OutputFolder(config.output, options)
+    _check_same_export(out, contract, config)
+    done = out.markers(MARKERS_DIR, "shard")
+    pending = [m for s, m in sorted(corpus_markers.items())
+               if m["rows"] > 0 and (s not in done or done[s].get("corpus_run_id") != m.get("run_id"))]
+    skipped = len([s for s, m in corpus_markers.items() if m["rows"] > 0]) - len(pending)
+    if config.max_shards is not None:
+        pending = pending[: config.max_shards]
+    _write_contract(out, contract, tokenizer, extend_tokenizer)
+    logger.info("export: %d corpus shards, %d already exported, %d to do", len(corpus_markers), skipped, len(pending))
+    if pending:
+        job = ShardJob(corpus=config.corpus, output=config.output, format=config.format, order=config.order,
+                       seq_len=config.seq_len, heldout_fraction=config.heldout_fraction,
+                       split_seed=config.split_seed, contract_json=contract.to_json(),
+                       text_tokenizer=config.text_tokenizer, storage_options=options)
+        items = [{"shard": m["shard"], "data_file": m["data_file"]} for m in pending]
+        runs = {m["shard"]: m.get("run_id") for m in pending}  # which corpus commit each export is of
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map(ExportShard, fn_constructor_kwargs={"job": job}, num_cpus=config.task_cpus,
+                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(items))))
+        for row in ds.iter_rows():
+            counts = json.loads(row["result"])
+            marker = {**counts, "corpus_run_id": runs[counts["shard"]], "format": config.format,
+                      "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            out.write(json.dumps(marker, indent=1, sort_keys=True).encode(), MARKERS_DIR, f"{counts['shard']}.json")
+            logger.info("exported shard %s: %d train, %d heldout rows", counts["shard"], counts["train"]["rows"],
+                        counts["heldout"]["rows"])
+    return _finish(config, out, contract, len(corpus_markers), skipped, len(pending), started)
+
+
+def _corpus_metadata(corpus: str, markers: dict[str, dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
+    first = next(m for _, m in sorted(markers.items()) if m["rows"] > 0) if any(
+        m["rows"] > 0 for m in markers.values()) else next(iter(markers.values()))
+    fs, path = filesystem(join(corpus, first["data_file"]), options or None)
+    with fs.open(path, "rb") as handle:
+        return S.read_metadata(pq.read_schema(handle))
+
+
+def _check_same_export(out: OutputFolder, contract: Any, config: ExportConfig) -> None:
+    """One output holds one export: the same contract, format, order, packing and split."""
+    recorded = out.read_json(MANIFEST_FILE)
+    if recorded is None:
+        return
+    mine = _settings(contract, config)
+    theirs = recorded.get("settings", {})
+    changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if changed:
+        raise ConfigError(f"{config.output} holds an export with other settings ({', '.join(changed)}): "
+                          "give another output")
+
+
+def _settings(contract: Any, config: ExportConfig) -> dict[str, Any]:
+    return {"contract": json.loads(contract.to_json()), "format": config.format, "order": config.order,
+            "seq_len": config.seq_len, "heldout_fraction": config.heldout_fraction, "split_seed": config.split_seed}
+
+
+def _write_contract(out: OutputFolder, contract: Any, tokenizer: Any, extend: Any) -> None:
+    import tempfile
+    from pathlib import Path
+
+    out.write(contract.to_json().encode(), CONTRACT_FILE)
+    extend(tokenizer, contract)
+    with tempfile.TemporaryDirectory(prefix="dualtok-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(Path(tmp).iterdir()):
+            if path.is_file():
+                out.write(path.read_bytes(), TOKENIZER_DIR, path.name)
+
+
+def _finish(config: ExportConfig, out: OutputFolder, contract: Any, total: int, skipped: int, committed: int,
+            started: float) -> ExportSummary:
+    from dualtok.pipelines.config import to_dict
+
+    markers = out.markers(MARKERS_DIR, "shard")
+    sums = {key: {split: sum(m[split][key] for m in markers.values()) for split in SPLITS}
+            for key in ("rows", "tokens", "sequences")}
+    summary = ExportSummary(output=config.output, shards_total=total, shards_skipped=skipped,
+                            shards_committed=committed, rows=sums["rows"], tokens=sums["tokens"],
+                            sequences=sums["sequences"], seconds=time.monotonic() - started,
+                            contract=json.loads(contract.to_json()))
+    manifest = {"kind": "export", "run_id": new_run_id(), "config": to_dict(config), "versions": package_versions(),
+                "settings": _settings(contract, config), "files": {
+                    split: sorted(f"{split}/{s}.{ext}" for s, m in markers.items() if m[split]["sequences"]
+                                  for ext in (("bin", "idx") if config.format == "megatron" else ("parquet",)))
+                    for split in SPLITS},
+                "totals": sums, "shards": len(markers)}
+    out.write_json(manifest, MANIFEST_FILE)
+    return summary
