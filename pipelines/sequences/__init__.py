@@ -1,2 +1,3 @@
-"""From a token corpus to LLM training sequences: the streaming, resumable loader (`loader`)
-over the sequence contract of `dualtok_core.sequences`."""
+"""From a token corpus to LLM training sequences over the contract of `dualtok_core.sequences`:
+the streaming, resumable loader (`loader`) and `dualtok export` to Megatron-LM / Parquet files
+(`export`)."""
