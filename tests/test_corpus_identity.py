@@ -44,7 +44,9 @@ def shard_bytes(prefix: str, count: int, seed: int) -> tuple[bytes, list[str]]:
 
 
 def tokenize(*args: str) -> int:
-    return cli(["--log-level", "WARNING", "tokenize", "bundle=tiny", "streams=guide", "encoder.batch_size=4", *args])
+    # One encoder actor: these runs are about shard ids, not pool sizing (each actor start imports torch).
+    return cli(["--log-level", "WARNING", "tokenize", "bundle=tiny", "streams=guide", "encoder.batch_size=4",
+                "encoder.actors=1", *args])
 
 
 def s3_corpus(fs, prefix: str) -> tuple[list[str], dict[str, dict]]:

@@ -258,13 +258,16 @@ def test_megatron_export_reads_back_with_megatron_core_split_by_key_and_resumes(
                                 split_seed=7))
 
 
-def test_parquet_export_packs_each_shard_into_seq_len_chunks(ray_session, corpus, text_tokenizer, tokenizer_dir,
-                                                             tmp_path):
-    from dualtok.pipelines.sequences.export import ExportConfig, run_export
+def test_export_command_packs_each_shard_into_seq_len_parquet_chunks(ray_session, corpus, text_tokenizer,
+                                                                     tokenizer_dir, tmp_path, capsys):
+    """`dualtok export format=parquet seq_len=16 --json`, as a user runs it."""
+    from dualtok.jobs.cli import main as cli
 
     out = tmp_path / "packed"
-    summary = run_export(ExportConfig(corpus=corpus, output=str(out), text_tokenizer=tokenizer_dir,
-                                      format="parquet", seq_len=16, order="i2t"))
+    assert cli(["export", f"corpus={corpus}", f"output={out}", f"text_tokenizer={tokenizer_dir}", "format=parquet",
+                "seq_len=16", "order=i2t", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)  # stdout holds the one JSON object
+    assert record["job"] == "export" and record["shards"]["committed"] == len(ROWS_PER_FILE)
     expected = expected_sequences(corpus, text_tokenizer, "i2t")
     for f, rows in enumerate(ROWS_PER_FILE):
         table = pq.read_table(out / "train" / f"{f:05d}.parquet")
@@ -274,20 +277,8 @@ def test_parquet_export_packs_each_shard_into_seq_len_chunks(ray_session, corpus
         assert flat == [t for r in range(rows) for t in expected[f"{f:05d}-{r}"].tolist()]
         meta = table.schema.metadata[b"dualtok.sequence_contract"]
         assert SequenceContract.from_json(meta) == contract(len(text_tokenizer))
-    assert summary.rows == {"train": sum(ROWS_PER_FILE), "heldout": 0}
-    assert summary.tokens["train"] == sum(len(s) for s in expected.values())
-
-
-def test_export_command_prints_json_and_refuses_a_missing_corpus(ray_session, corpus, tokenizer_dir, tmp_path,
-                                                                 capsys):
-    from dualtok.jobs.cli import main as cli
-
-    argv = ["export", f"corpus={corpus}", f"output={tmp_path / 'out'}", f"text_tokenizer={tokenizer_dir}",
-            "format=parquet", "heldout_fraction=0.2", "--json"]
-    assert cli(argv) == 0
-    record = json.loads(capsys.readouterr().out)  # stdout holds the one JSON object
-    assert record["job"] == "export" and record["shards"]["committed"] == len(ROWS_PER_FILE)
-    assert record["rows"]["train"] + record["rows"]["heldout"] == sum(ROWS_PER_FILE)
+    assert record["rows"] == {"train": sum(ROWS_PER_FILE), "heldout": 0}
+    assert record["tokens"]["train"] == sum(len(s) for s in expected.values())
     assert cli(["export", f"corpus={tmp_path / 'nowhere'}", f"output={tmp_path / 'o2'}",
                 f"text_tokenizer={tokenizer_dir}"]) == 2
     assert "holds no committed shards" in capsys.readouterr().err

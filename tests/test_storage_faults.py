@@ -134,7 +134,7 @@ def test_persistent_fault_fails_only_that_shard_and_the_next_run_redoes_it(s3, b
     proxy.clear()
     denied = proxy.add(Fault("GET", r"/shards/00001\.tar$", "denied", times=None))
     argv = ["tokenize", f"inputs=s3://{bucket}/shards/", f"output=s3://{out}", "bundle=tiny", "streams=guide",
-            "encoder.batch_size=4", f"storage.endpoint_url={proxy.url}"]
+            "encoder.batch_size=4", "encoder.actors=1", f"storage.endpoint_url={proxy.url}"]
     assert cli(argv) == 3
     printed = capsys.readouterr().out
     assert "1 shards were not committed" in printed and "00001: storage:" in printed and "Access Denied" in printed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -58,8 +59,9 @@ def test_s3_to_s3_every_sample_accounted_and_tokens_match(ray_session, s3, tiny)
     assert table.schema.field(S.GUIDE_TOKENS).type == S.corpus_schema(64, 32, {}).field(S.GUIDE_TOKENS).type
     meta = S.read_metadata(pq.read_schema(fs.open(f"{bucket}/corpus/data/00000.parquet")))
     # the fingerprint covers the parts that made the tokens; per-part hashes let audits match bundles
-    assert meta["bundle_fingerprint"] == tiny.fingerprint and meta["untrained_parts"]
-    assert meta["part_hashes"] == tiny.info.part_hashes
+    encoders = {part: tiny.info.part_hashes[part] for part in ("guide", "semantic")}  # tokenize loads these two
+    assert meta["bundle_fingerprint"] == dataclasses.replace(tiny.info, part_hashes=encoders).fingerprint
+    assert meta["part_hashes"] == encoders and meta["untrained_parts"]
 
     keys = table[S.KEY].to_pylist()
     pixels = np.stack([decode_image(by_key[k], DecodeConfig(size=256)).pixels for k in keys])
@@ -76,7 +78,8 @@ def test_s3_to_s3_every_sample_accounted_and_tokens_match(ray_session, s3, tiny)
     markers_before = {p: fs.cat_file(p) for p in fs.find(f"{bucket}/corpus/_committed")}
     write_good_shards(fs, f"{bucket}/more", shards=1, per_shard=3, seed=7)
     fs.copy(f"{bucket}/more/00000.tar", f"{bucket}/shards/00003.tar")
-    assert cli(["tokenize", f"inputs=s3://{bucket}/shards/", f"output=s3://{bucket}/corpus", "bundle=tiny"]) == 0
+    assert cli(["tokenize", f"inputs=s3://{bucket}/shards/", f"output=s3://{bucket}/corpus", "bundle=tiny",
+                "encoder.actors=1"]) == 0
     assert {p: fs.cat_file(p) for p in markers_before} == markers_before
     assert read_corpus(fs, f"{bucket}/corpus").num_rows == 18
 
@@ -92,7 +95,7 @@ def test_corpus_reads_in_polars_duckdb_and_hf_datasets(ray_session, tmp_path):
     members = sum((sample_members(f"k{i}", encode(im), None) for i, im in enumerate(images)), [])
     (shards / "a.tar").write_bytes(tar_bytes(members))
     out = tmp_path / "corpus"
-    assert cli(["tokenize", f"inputs={shards}", f"output={out}", "bundle=tiny", "streams=guide"]) == 0
+    assert cli(["tokenize", f"inputs={shards}", f"output={out}", "bundle=tiny", "streams=guide", "encoder.actors=1"]) == 0
     frame = pl.read_parquet(str(out / "data" / "*.parquet"))
     assert frame.height == 4 and frame.schema[S.GUIDE_TOKENS] == pl.Array(pl.UInt16, 64)
     assert S.SEMANTIC_TOKENS not in frame.columns and frame[S.CAPTION].null_count() == 4
@@ -141,7 +144,8 @@ def test_bad_input_becomes_error_rows_with_reasons(ray_session, tmp_path):
     (shards / "cut.tar").write_bytes(truncated[: len(truncated) - len(good) // 2 - 1024])
     out = tmp_path / "corpus"
     # the cut tar cannot be read to its end: that shard fails this run (exit 3), the other commits
-    assert cli(["tokenize", f"inputs={shards}/*.tar", f"output={out}", "bundle=tiny", "streams=guide"]) == 3
+    assert cli(["tokenize", f"inputs={shards}/*.tar", f"output={out}", "bundle=tiny", "streams=guide",
+                "encoder.actors=1"]) == 3
 
     rows = pq.read_table(out / "data").to_pylist()
     errors = pq.read_table(out / "errors").to_pylist()
