@@ -114,13 +114,23 @@ class DualTokenizer:
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = True,
     ) -> "DualTokenizer":
-        """Load a bundle from a local folder, an fsspec URI (s3://, gs://, ...), or a Hugging Face
-        Hub repo id already in the local Hub cache (`revision`: a branch, tag or commit; nothing is
-        downloaded). `verify` re-hashes the weights against bundle.json; `torch_dtype` and `device`
-        place the loaded parts as `.to` does. A remote bundle is staged in a temporary folder that
-        is removed once the weights are in memory."""
-        with _staged(_resolve_hub_id(str(uri), revision), parts, storage_options) as local:
+        """Load a bundle, as diffusers and transformers load models, from:
+
+        - a local folder;
+        - an fsspec URI (s3://, gs://, ...): downloaded once into `cache_dir` (default
+          `$DUALTOK_CACHE` or ~/.cache/dualtok/bundles), keyed by the URI and its bundle.json, so
+          every later load, in any process or actor on the machine, reads the local copy and a
+          rewritten bundle gets a fresh entry;
+        - a Hugging Face Hub repo id (`org/name`, `revision`: a branch, tag or commit), resolved by
+          huggingface_hub in its cache; with `local_files_only` (the default) nothing is downloaded.
+
+        `verify` re-hashes the weights against bundle.json (in the stored dtype, before any cast);
+        `torch_dtype` and `device` then place the parts as `.to` does."""
+        resolved = _resolve_hub_id(str(uri), revision, local_files_only)
+        with _staged(resolved, parts, storage_options, cache_dir) as local:
             info = read_bundle_info(local)
             loaded = {}
             for part in parts:
@@ -310,17 +320,17 @@ def _strip_file(uri: str) -> str:
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _resolve_hub_id(uri: str, revision: str | None) -> str:
-    """`uri` itself, or for `org/name` that is no local folder, its snapshot in the local Hugging
-    Face cache (HF_HUB_CACHE / HF_HOME). Nothing is downloaded: a missing snapshot is an error that
-    says how to fetch it."""
+def _resolve_hub_id(uri: str, revision: str | None, local_files_only: bool = True) -> str:
+    """`uri` itself, or for `org/name` that is no local folder, its snapshot in the Hugging Face
+    cache (HF_HUB_CACHE / HF_HOME). With `local_files_only` nothing is downloaded: a missing
+    snapshot is an error that says how to fetch it."""
     if not _is_local(uri) or Path(_strip_file(uri)).exists() or not _REPO_ID.match(uri):
         return uri
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return snapshot_download(uri, revision=revision, local_files_only=True)
+        return snapshot_download(uri, revision=revision, local_files_only=local_files_only)
     except LocalEntryNotFoundError as err:
         raise BundleError(
             f"{uri} is not a folder here, and the Hugging Face cache ({constants.HF_HUB_CACHE}) holds no "
@@ -329,10 +339,21 @@ def _resolve_hub_id(uri: str, revision: str | None) -> str:
         ) from err
 
 
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if os.environ.get("DUALTOK_CACHE"):
+        return Path(os.environ["DUALTOK_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dualtok" / "bundles"
+
+
 @contextlib.contextmanager
-def _staged(uri: str, parts: tuple[str, ...], storage_options: dict[str, Any] | None) -> Iterator[Path]:
-    """A local folder with the bundle while the block runs: the path itself, or a temporary download
-    of bundle.json and the needed parts, removed afterwards."""
+def _staged(uri: str, parts: tuple[str, ...], storage_options: dict[str, Any] | None,
+            cache_dir: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A local folder with the bundle: the path itself, or the bundle's entry in the local cache,
+    filled with the parts it lacks. Each part is downloaded into a temporary folder beside the entry
+    and renamed into place whole, so concurrent loads (one per actor) never see half a part; the
+    one that renames first wins and the others drop their copy."""
     if _is_local(uri):
         local = Path(_strip_file(uri))
         if not local.exists():
@@ -345,12 +366,25 @@ def _staged(uri: str, parts: tuple[str, ...], storage_options: dict[str, Any] | 
     root = root.rstrip("/")
     if not fs.exists(f"{root}/bundle.json"):
         raise BundleError(f"{uri} is not a dualtok bundle: bundle.json is missing")
-    with tempfile.TemporaryDirectory(prefix="dualtok-bundle-") as tmp:
-        target = Path(tmp)
-        fs.get(f"{root}/bundle.json", str(target / "bundle.json"))
-        for part in parts:
-            if not fs.exists(f"{root}/{part}"):
-                raise BundleError(f"bundle {uri} has no {part!r} part (expected folder {part}/)")
-            fs.get(f"{root}/{part}/", str(target / part) + "/", recursive=True)
-        logger.info("staged bundle %s (%s) in %s", uri, ",".join(parts), target)
-        yield target
+    info = fs.cat_file(f"{root}/bundle.json")  # names every part's hash: a rewritten bundle is another entry
+    entry = _cache_root(cache_dir) / hashlib.sha256(uri.rstrip("/").encode() + b"\0" + info).hexdigest()[:24]
+    entry.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        if (entry / part).is_dir():
+            continue
+        if not fs.exists(f"{root}/{part}"):
+            raise BundleError(f"bundle {uri} has no {part!r} part (expected folder {part}/)")
+        with tempfile.TemporaryDirectory(prefix=f".{part}-", dir=entry) as tmp:
+            fs.get(f"{root}/{part}/", f"{tmp}/{part}/", recursive=True)
+            with contextlib.suppress(OSError):  # another load put the part there first
+                os.rename(f"{tmp}/{part}", entry / part)
+        logger.info("cached %s part %s in %s", uri, part, entry)
+    if not (entry / "bundle.json").is_file():
+        _write_atomically(entry / "bundle.json", info)
+    yield entry
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

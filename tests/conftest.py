@@ -102,6 +102,19 @@ def s3():
                 os.environ[key] = value
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bundle_cache(tmp_path_factory):
+    """Bundles loaded from object storage are cached per machine (`DUALTOK_CACHE`); the suite's go to
+    a temporary folder, set before Ray starts so that every worker shares it, never ~/.cache."""
+    saved = os.environ.get("DUALTOK_CACHE")
+    os.environ["DUALTOK_CACHE"] = str(tmp_path_factory.mktemp("bundle-cache"))
+    yield os.environ["DUALTOK_CACHE"]
+    if saved is None:
+        os.environ.pop("DUALTOK_CACHE", None)
+    else:
+        os.environ["DUALTOK_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The `tiny` preset bundle (seed 0), every part: built once per session; tests only read it."""

@@ -71,21 +71,34 @@ def test_save_load_round_trip_keeps_ids_and_fingerprint(tiny, photos, tmp_path):
         guide_only.encode_semantic(photos)
 
 
-def test_bundle_on_s3_loads_and_leaves_no_staging_folder(s3, tiny, photos, tmp_path, monkeypatch):
+def test_bundle_on_s3_is_cached_once_and_a_rewritten_bundle_gets_a_fresh_entry(s3, tiny, photos, tmp_path,
+                                                                                monkeypatch):
     import tempfile
 
     bucket = s3.new_bucket()
+    fs = s3.filesystem()
     uri = f"s3://{bucket}/bundles/tiny"
     tiny.save_pretrained(uri)
-    staging = tmp_path / "tmp"
-    staging.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(staging))  # where this process's temporary folders go
-    loaded = DualTokenizer.from_pretrained(uri, parts=("guide", "semantic"))
+    cache, scratch = tmp_path / "cache", tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where this process's temporary folders go
+    loaded = DualTokenizer.from_pretrained(uri, parts=("guide", "semantic"), cache_dir=cache)
     np.testing.assert_array_equal(loaded.tokenize(photos).semantic, tiny.tokenize(photos).semantic)
-    assert list(staging.iterdir()) == []  # the download is gone once the weights are in memory
+    (entry,) = cache.iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["bundle.json", "guide", "semantic"]  # no half-copied part
+    assert list(scratch.iterdir()) == []  # nothing left in the temporary folder either
+
+    fs.rm(f"{bucket}/bundles/tiny/guide", recursive=True)  # a second load reads the cache, not the store
+    again = DualTokenizer.from_pretrained(uri, parts=("guide",), cache_dir=cache)
+    assert again.info.part_hashes["guide"] == tiny.info.part_hashes["guide"]
+
+    other = DualTokenizer.from_preset("tiny", seed=1, parts=("guide",))
+    other.save_pretrained(uri)  # the same URI, other weights: bundle.json changes, so does the entry
+    fs.invalidate_cache()
+    fresh = DualTokenizer.from_pretrained(uri, parts=("guide",), cache_dir=cache)
+    assert fresh.info.part_hashes["guide"] == other.info.part_hashes["guide"] and len(list(cache.iterdir())) == 2
     with pytest.raises(BundleError, match="bundle.json is missing"):
-        DualTokenizer.from_pretrained(f"s3://{bucket}/nothing")
-    assert list(staging.iterdir()) == []
+        DualTokenizer.from_pretrained(f"s3://{bucket}/nothing", cache_dir=cache)
 
 
 def test_from_pretrained_reads_a_bundle_from_the_local_hugging_face_cache(tiny, tmp_path, monkeypatch):
@@ -100,6 +113,7 @@ def test_from_pretrained_reads_a_bundle_from_the_local_hugging_face_cache(tiny, 
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(main)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # as HF_HUB_CACHE=... would
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 would
     monkeypatch.chdir(tmp_path)  # no folder named dualtok/tiny here
     assert DualTokenizer.from_pretrained("dualtok/tiny", parts=("guide",)).fingerprint == \
         DualTokenizer.from_pretrained(repo / "snapshots" / main, parts=("guide",)).fingerprint
