@@ -17,6 +17,7 @@ import sys
 from dualtok.jobs.checks import check_output
 from dualtok.jobs.config import add_config_arguments, config_from_args
 from dualtok.pipelines.cluster import init_ray
+from dualtok.pipelines.io.corpus import MARKERS_DIR
 from dualtok.pipelines.io.storage import filesystem, join
 from dualtok.pipelines.progress import format_duration
 from dualtok.pipelines.sequences.export import ExportConfig, ExportSummary, run_export
@@ -47,9 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(ExportConfig, args)
     options = config.storage.storage_options()
-    fs, markers = filesystem(join(config.corpus, "_committed"), options or None)
+    fs, markers = filesystem(join(config.corpus, MARKERS_DIR), options or None)
     if not fs.exists(markers):
-        print(f"dualtok export: error: corpus {config.corpus} holds no committed shards (no _committed/ folder)",
+        print(f"dualtok export: error: corpus {config.corpus} holds no committed shards (no {MARKERS_DIR}/ folder)",
               file=sys.stderr)
         return 2
     check_output(config.output, options)

@@ -43,7 +43,7 @@ from dualtok.pipelines.config import ConfigError
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.io.corpus import MARKERS_DIR
 from dualtok.pipelines.io.outputs import OutputFolder, new_run_id, package_versions, parquet_bytes
-from dualtok.pipelines.io.storage import StorageConfig, filesystem, join
+from dualtok.pipelines.io.storage import StorageConfig, filesystem, join, local_copy
 
 logger = logging.getLogger(__name__)
 
@@ -154,15 +154,11 @@ class ExportShard:
     """Ray Data callable: one row {shard, data_file} -> its files written, its counts returned."""
 
     def __init__(self, job: ShardJob) -> None:
-        from transformers import AutoTokenizer
-
         from dualtok_core.sequences import SequenceContract
-        from dualtok.pipelines.io.storage import local_copy
 
         self.job = job
         self.contract = SequenceContract.from_json(job.contract_json)
-        with local_copy(job.text_tokenizer, job.storage_options or None) as folder:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.tokenizer = load_tokenizer(job.text_tokenizer, job.storage_options)
         self.dtype = token_dtype(self.contract.vocab_size)
         self.out = OutputFolder(job.output, job.storage_options)
 
@@ -207,13 +203,20 @@ class ExportShard:
         self.out.write(parquet_bytes(table), split, f"{shard}.parquet")
 
 
+def load_tokenizer(uri: str, storage_options: dict[str, Any] | None) -> Any:
+    """The text tokenizer (a transformers folder, local or URI): the driver's and every task's."""
+    from transformers import AutoTokenizer
+
+    with local_copy(uri, storage_options or None) as folder:
+        return AutoTokenizer.from_pretrained(str(folder))
+
+
 # ---- the driver --------------------------------------------------------------------------------
 def run_export(config: ExportConfig) -> ExportSummary:
     """Export every committed corpus shard not yet exported; markers and the manifest on the driver."""
     import ray
 
     from dualtok_core.sequences import SequenceContract, extend_tokenizer
-    from dualtok.pipelines.io.storage import local_copy
 
     started = time.monotonic()
     options = config.storage.storage_options()
@@ -221,20 +224,18 @@ def run_export(config: ExportConfig) -> ExportSummary:
     if not corpus_markers:
         raise ConfigError(f"corpus {config.corpus} holds no committed shards (no {MARKERS_DIR}/*.json)")
     metadata = _corpus_metadata(config.corpus, corpus_markers, options)
-    from transformers import AutoTokenizer
-
-    with local_copy(config.text_tokenizer, options or None) as folder:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = load_tokenizer(config.text_tokenizer, options)
     contract = SequenceContract.for_corpus(metadata, len(tokenizer))
     out = OutputFolder(config.output, options)
-    _check_same_export(out, contract, config)
+    first_run = not _check_same_export(out, contract, config)
     done = out.markers(MARKERS_DIR, "shard")
     pending = [m for s, m in sorted(corpus_markers.items())
                if m["rows"] > 0 and (s not in done or done[s].get("corpus_run_id") != m.get("run_id"))]
     skipped = len([s for s, m in corpus_markers.items() if m["rows"] > 0]) - len(pending)
     if config.max_shards is not None:
         pending = pending[: config.max_shards]
-    _write_contract(out, contract, tokenizer, extend_tokenizer)
+    if first_run:  # a later run of the same export finds them written (the settings check above)
+        _write_contract(out, contract, tokenizer, extend_tokenizer)
     logger.info("export: %d corpus shards, %d already exported, %d to do", len(corpus_markers), skipped, len(pending))
     if pending:
         job = ShardJob(corpus=config.corpus, output=config.output, format=config.format, order=config.order,
@@ -251,30 +252,33 @@ def run_export(config: ExportConfig) -> ExportSummary:
             marker = {**counts, "corpus_run_id": runs[counts["shard"]], "format": config.format,
                       "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             out.write(json.dumps(marker, indent=1, sort_keys=True).encode(), MARKERS_DIR, f"{counts['shard']}.json")
+            done[counts["shard"]] = marker
             logger.info("exported shard %s: %d train, %d heldout rows", counts["shard"], counts["train"]["rows"],
                         counts["heldout"]["rows"])
-    return _finish(config, out, contract, len(corpus_markers), skipped, len(pending), started)
+    return _finish(config, out, contract, done, len(corpus_markers), skipped, len(pending), started)
 
 
 def _corpus_metadata(corpus: str, markers: dict[str, dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
-    first = next(m for _, m in sorted(markers.items()) if m["rows"] > 0) if any(
-        m["rows"] > 0 for m in markers.values()) else next(iter(markers.values()))
+    """The corpus's dualtok metadata (token widths and vocabularies), from its first data file."""
+    first = min(markers.values(), key=lambda m: (m["rows"] == 0, m["shard"]))  # one with rows, if any
     fs, path = filesystem(join(corpus, first["data_file"]), options or None)
     with fs.open(path, "rb") as handle:
         return S.read_metadata(pq.read_schema(handle))
 
 
-def _check_same_export(out: OutputFolder, contract: Any, config: ExportConfig) -> None:
-    """One output holds one export: the same contract, format, order, packing and split."""
+def _check_same_export(out: OutputFolder, contract: Any, config: ExportConfig) -> bool:
+    """One output holds one export: the same contract, format, order, packing and split. True when
+    the output already holds this export."""
     recorded = out.read_json(MANIFEST_FILE)
     if recorded is None:
-        return
+        return False
     mine = _settings(contract, config)
     theirs = recorded.get("settings", {})
     changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if changed:
         raise ConfigError(f"{config.output} holds an export with other settings ({', '.join(changed)}): "
                           "give another output")
+    return True
 
 
 def _settings(contract: Any, config: ExportConfig) -> dict[str, Any]:
@@ -295,11 +299,11 @@ def _write_contract(out: OutputFolder, contract: Any, tokenizer: Any, extend: An
                 out.write(path.read_bytes(), TOKENIZER_DIR, path.name)
 
 
-def _finish(config: ExportConfig, out: OutputFolder, contract: Any, total: int, skipped: int, committed: int,
-            started: float) -> ExportSummary:
+def _finish(config: ExportConfig, out: OutputFolder, contract: Any, markers: dict[str, dict[str, Any]], total: int,
+            skipped: int, committed: int, started: float) -> ExportSummary:
+    """The summary and the manifest, from every shard's marker (this run's and the earlier ones)."""
     from dualtok.pipelines.config import to_dict
 
-    markers = out.markers(MARKERS_DIR, "shard")
     sums = {key: {split: sum(m[split][key] for m in markers.values()) for split in SPLITS}
             for key in ("rows", "tokens", "sequences")}
     summary = ExportSummary(output=config.output, shards_total=total, shards_skipped=skipped,

@@ -23,7 +23,6 @@ must use the same world size and worker count (the slots would differ): it is ch
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,7 +34,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from dualtok_core.sequences import Order, SequenceContract
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.io.corpus import MARKERS_DIR
-from dualtok.pipelines.io.storage import filesystem, join
+from dualtok.pipelines.io.outputs import OutputFolder
+from dualtok.pipelines.io.storage import filesystem
 
 STATE_VERSION = 1
 
@@ -156,13 +156,12 @@ class TokenSequenceDataset(IterableDataset):
 def committed_files(corpus: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, int]]:
     """(data file path on the corpus's filesystem, rows) of every committed shard, in shard order;
     empty shards left out. Only committed shards: a shard a crashed run left half-written is unseen."""
-    fs, root = filesystem(join(corpus, MARKERS_DIR), storage_options)
-    if not fs.exists(root):
-        raise FileNotFoundError(f"{corpus} is not a token corpus: no {MARKERS_DIR}/ folder")
-    markers = sorted((json.loads(fs.cat_file(p)) for p in fs.find(root) if p.endswith(".json")),
-                     key=lambda m: m["shard"])
+    markers = OutputFolder(corpus, storage_options).markers(MARKERS_DIR, "shard")
+    if not markers:
+        raise FileNotFoundError(f"{corpus} is not a token corpus: no {MARKERS_DIR}/*.json markers")
+    fs, _ = filesystem(corpus, storage_options)
     base = fs._strip_protocol(corpus).rstrip("/")
-    files = [(f"{base}/{m['data_file']}", int(m["rows"])) for m in markers if m["rows"] > 0]
+    files = [(f"{base}/{m['data_file']}", int(m["rows"])) for _, m in sorted(markers.items()) if m["rows"] > 0]
     if not files:
         raise FileNotFoundError(f"{corpus} holds no committed rows")
     return files
