@@ -3,7 +3,7 @@
 Before: a typo in a path or bundle name fails in a second, with a message that says what is wrong,
 instead of after a local Ray start (~20 s) or deep inside a stage. Each raises `ConfigError` (the
 CLI's exit code 2); the input listing raises `InputListingError` from `dualtok.pipelines.io.storage` ("does not
-exist", "no .tar shards under ..."). After: a run whose samples are mostly errors has committed
+exist", "no .tar or .parquet shards under ..."). After: a run whose samples are mostly errors has committed
 correct rows, but its input is bad; the job exits `EXIT_TOO_MANY_ERRORS` so a scheduler notices.
 """
 

@@ -165,7 +165,7 @@ def test_help_lists_every_key_with_type_default_and_meaning(capsys):
     out = capsys.readouterr().out
     assert done.value.code == 0
     assert f"encoder.batch_size (int, default {_tokenize_default('encoder', 'batch_size')})" in out
-    assert "inputs (list[str], default [])\n      prefixes, globs, {00000..00099} braces, @list files" in out
+    assert "inputs (list[str], default [])\n      tar (.tar, .tar.gz, .tgz) or Parquet (.parquet) shards: prefixes" in out
     assert "storage.secret (secret str | null, default (not shown))" in out and "guide.batch_size" not in out
     assert all(f"  {k.key} (" in out for k in config_keys(TokenizeConfig))
     with pytest.raises(SystemExit):

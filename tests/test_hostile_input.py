@@ -348,14 +348,10 @@ class _OnRetry(logging.Handler):
             self.action()
 
 
-@pytest.mark.parametrize("rewrite", [False, True], ids=["restored", "rewritten"])
-def test_a_fault_mid_shard_is_retried_without_passing_a_row_twice(s3, good_jpeg, rewrite):
-    fs, bucket = s3.filesystem(), s3.new_bucket()
-    path = f"{bucket}/in/a.tar"
-    original = tar_bytes([(f"s{i}.jpg", good_jpeg) for i in range(6)])
-    fs.pipe_file(path, original)
-    changed = tar_bytes([(f"s{i}.jpg", good_jpeg) for i in range(7)])
-    handler = _OnRetry(lambda: fs.pipe_file(path, changed if rewrite else original))
+def read_losing_the_object(s3, fs, path: str, on_retry) -> tuple[dict[str, np.ndarray], int]:
+    """The read stage over s3://`path`, the object deleted after the first batch it passes on and
+    `on_retry` run when the stage announces its retry: (rows, retries announced)."""
+    handler = _OnRetry(on_retry)
     logging.getLogger("dualtok.pipelines.io.read").addHandler(handler)
     try:
         read = ReadShards(s3_options(s3), rows_per_batch=2, storage_retries=3, retry_seconds=0.01)
@@ -366,9 +362,19 @@ def test_a_fault_mid_shard_is_retried_without_passing_a_row_twice(s3, good_jpeg,
                 fs.rm(path)  # the object goes away while the stage is part-way through it
     finally:
         logging.getLogger("dualtok.pipelines.io.read").removeHandler(handler)
-    rows = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}, handler.calls
+
+
+@pytest.mark.parametrize("rewrite", [False, True], ids=["restored", "rewritten"])
+def test_a_fault_mid_shard_is_retried_without_passing_a_row_twice(s3, good_jpeg, rewrite):
+    fs, bucket = s3.filesystem(), s3.new_bucket()
+    path = f"{bucket}/in/a.tar"
+    original = tar_bytes([(f"s{i}.jpg", good_jpeg) for i in range(6)])
+    fs.pipe_file(path, original)
+    changed = tar_bytes([(f"s{i}.jpg", good_jpeg) for i in range(7)])
+    rows, calls = read_losing_the_object(s3, fs, path, lambda: fs.pipe_file(path, changed if rewrite else original))
     end = end_rows(rows)["a"]
-    assert handler.calls == 1 and end[S.SHARD_RETRIES] == 1
+    assert calls == 1 and end[S.SHARD_RETRIES] == 1
     samples = rows[S.INDEX][rows[S.ROW_KIND] == S.SAMPLE].tolist()
     if rewrite:  # rows 0-1 came from the first object: the shard cannot be finished from the second
         assert samples == [0, 1] and end[S.STAGE] == S.STAGE_STORAGE

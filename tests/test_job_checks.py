@@ -66,7 +66,7 @@ CASES = {  # name -> (argv with {root} for the tmp folder, what stderr must say)
     "missing folder": (["tokenize", "inputs={root}/nowhere", "output={root}/out", "bundle=tiny"],
                        "input {root}/nowhere does not exist"),
     "folder without shards": (["tokenize", "inputs={root}/empty", "output={root}/out", "bundle=tiny"],
-                              "no .tar shards under {root}/empty"),
+                              "no .tar or .parquet shards under {root}/empty"),
     "bundle typo": (["tokenize", "inputs={root}/shards", "output={root}/out", "bundle=smal"],
                     "bundle smal does not exist (and is not a preset"),
     "folder is no bundle": (["tokenize", "inputs={root}/shards", "output={root}/out", "bundle={root}/not-a-bundle"],

@@ -27,7 +27,8 @@ from dualtok_core.imaging import check_token_ids, resize_float, to_uint8
 from dualtok_core.presets import PARTS
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.io.decode import DecodeConfig, DecodeError, decode_image
-from dualtok.pipelines.io.shards import ShardFormatError, iter_samples
+from dualtok.pipelines.io.parquet_shards import open_shard
+from dualtok.pipelines.io.shards import ShardFormatError
 from dualtok.pipelines.actors import BundleSource, StageResources, pick_device, pick_dtype
 from dualtok.pipelines.io.storage import filesystem
 
@@ -134,13 +135,13 @@ class FetchOriginals:
         wanted = {int(payload[S.INDEX][r]): int(r) for r in rows}
         last = max(wanted)
         try:
-            for sample in iter_samples(uri, self.storage_options or None):
+            for sample in open_shard(uri, self.storage_options or None):  # a tar, or a Parquet file of images
                 row = wanted.pop(sample.index, None)
                 if row is not None:
                     self._take(sample, row, payload)
                 if sample.index >= last or not wanted:
                     break
-        except ShardFormatError as err:  # the tar breaks before the wanted samples
+        except ShardFormatError as err:  # the shard breaks before the wanted samples
             fail_rows(payload, np.array(list(wanted.values()), dtype=np.int64), STAGE_FETCH,
                       f"source shard {uri} unreadable: {err}")
             return

@@ -2,9 +2,10 @@
 
 Layout under the output URI:
     data/<shard-id>.parquet        corpus rows of one input shard (schemas.corpus_schema)
-    errors/<shard-id>.parquet      errors of that shard (schemas.ERRORS_SCHEMA)
-    _committed/<shard-id>.json     written last: the shard is done (counts, bundle, files, and the size
-                                   and version of the input read: a changed input is redone)
+    errors/<shard-id>.parquet      errors of that shard (schemas.errors_schema)
+    _committed/<shard-id>.json     written last: the shard is done (counts, bundle, passthrough columns,
+                                   files, and the size and version of the input read: a changed input
+                                   is redone)
     manifest.json                  the latest run's resolved config, versions, totals
     runs/<run-id>.json             every run's manifest, kept
 A shard without a marker is not done; a rerun rewrites its files under the same names, so the
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 DATA_DIR, ERRORS_DIR, MARKERS_DIR, RUNS_DIR = "data", "errors", "_committed", "runs"
 # Token columns are incompressible ids: dictionary encoding only adds bytes, zstd keeps them ~raw.
+# Passthrough columns (licences repeat) are dictionary-encoded too; pyarrow falls back where it does not pay.
 _DICTIONARY_COLUMNS = [S.KEY, S.SHARD, S.CAPTION]
 # Parquet stores uint16 as INT32: PLAIN + zstd leaves uniform ids ~8.5 % over the raw uint16 payload;
 # delta bit-packing brings them to ~0.86x (docs/benchmarks.md), and every reader still reads them.
@@ -54,7 +56,9 @@ class _PendingShard:
     def complete(self) -> bool:
         return self.expected is not None and len(self.samples) + len(self.errors) >= self.expected
 
-    def add(self, batch: dict[str, np.ndarray], rows: np.ndarray, columns: list[str]) -> None:
+    def add(self, batch: dict[str, np.ndarray], rows: np.ndarray, columns: dict[str, str],
+            passthrough: tuple[str, ...]) -> None:
+        """Take a batch's rows of this shard; `columns`: corpus column -> the in-flight column holding it."""
         kinds = batch[S.ROW_KIND][rows]
         for i in rows[kinds == S.END]:
             self._end(batch, int(i))
@@ -62,14 +66,14 @@ class _PendingShard:
             return
         sample_rows = rows[kinds == S.SAMPLE]
         if len(sample_rows):
-            self.chunks.append({name: batch[name][sample_rows] for name in columns})
+            self.chunks.append({name: batch[source][sample_rows] for name, source in columns.items()})
             for index in batch[S.INDEX][sample_rows].tolist():
                 self.samples.add(index)
                 self.errors.pop(index, None)  # a retried batch succeeded where an earlier try failed
         for i in rows[kinds == S.ERROR]:
             index = int(batch[S.INDEX][i])
             if index not in self.samples:
-                self.errors[index] = _error_row(batch, i)
+                self.errors[index] = _error_row(batch, i, passthrough)
 
     def _end(self, batch: dict[str, np.ndarray], i: int) -> None:
         """An END row: the shard's sample count and the object it was read from, or why it failed."""
@@ -101,7 +105,7 @@ class _PendingShard:
             if pa.types.is_fixed_size_list(f.type):
                 flat = pa.array(np.ascontiguousarray(values, dtype=np.uint16).reshape(-1), pa.uint16())
                 arrays.append(pa.FixedSizeListArray.from_arrays(flat, f.type.list_size))
-            elif f.name == S.CAPTION:
+            elif f.type == pa.string() and f.nullable:  # the caption and the passthrough columns
                 arrays.append(pa.array([_text_or_none(v) for v in values], f.type))
             else:
                 arrays.append(pa.array(values.tolist() if values.dtype == object else values, f.type))
@@ -110,13 +114,14 @@ class _PendingShard:
 
 @dataclass(frozen=True)
 class CorpusLayout:
-    """Where a corpus's files live; token widths and metadata fix its schema."""
+    """Where a corpus's files live; token widths, passthrough columns and metadata fix its schema."""
 
     output: str
     guide_len: int | None
     semantic_len: int | None
     metadata: dict[str, Any]
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    passthrough: tuple[str, ...] = ()  # source fields copied into every row, in this order
 
     def path(self, *parts: str) -> str:
         return join(self.output, *parts)
@@ -148,7 +153,11 @@ class CorpusWriter:
         self.failed: dict[str, str] = {}
         self.storage_retries: dict[str, int] = {}  # per shard: store retries its read took (END rows)
         self.out = layout.folder()
-        self.schema = S.corpus_schema(layout.guide_len, layout.semantic_len, layout.metadata)
+        self.schema = S.corpus_schema(layout.guide_len, layout.semantic_len, layout.metadata, layout.passthrough)
+        self.errors_schema = S.errors_schema(layout.passthrough)
+        # corpus column -> the in-flight column that carries it
+        self.columns = {name: S.passthrough_column(name) if name in layout.passthrough else name
+                        for name in self.schema.names}
 
     def add(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         """Take one batch of rows; returns the markers of shards this batch completed."""
@@ -158,7 +167,7 @@ class CorpusWriter:
         for shard in touched:
             rows = np.flatnonzero(shards == shard)
             pending = self.pending.setdefault(shard, _PendingShard())
-            pending.add(batch, rows, self.schema.names)
+            pending.add(batch, rows, self.columns, self.layout.passthrough)
             if pending.failed:
                 self._fail(shard, pending.failed)
         ready = [shard for shard in touched if shard in self.pending and self.pending[shard].complete]
@@ -174,8 +183,8 @@ class CorpusWriter:
             return None
         table = pending.table(self.schema)
         errors = [pending.errors[i] for i in sorted(pending.errors)]
-        data = _parquet_bytes(table, _DICTIONARY_COLUMNS, _TOKEN_ENCODING)
-        err = _parquet_bytes(pa.Table.from_pylist(errors, schema=S.ERRORS_SCHEMA), True, None)
+        data = _parquet_bytes(table, [*_DICTIONARY_COLUMNS, *self.layout.passthrough], _TOKEN_ENCODING)
+        err = _parquet_bytes(pa.Table.from_pylist(errors, schema=self.errors_schema), True, None)
         marker = self._marker(shard, pending, table.num_rows, errors, len(data))
         if marker["rows"] + marker["errors"] != marker["samples"]:  # `miscount` makes this hold
             raise RuntimeError(f"shard {shard}: the marker would not add up: {marker}")
@@ -206,6 +215,7 @@ class CorpusWriter:
             "rows": rows, "errors": len(errors),
             "errors_by_reason": _reasons(errors), "run_id": self.run_id,
             "bundle_fingerprint": self.layout.metadata.get("bundle_fingerprint"),
+            "passthrough": list(self.layout.passthrough),
             "shard_bytes": pending.source["shard_bytes"], "shard_version": pending.source["shard_version"],
             "storage_retries": pending.source.get("storage_retries", 0),
             "data_file": f"{DATA_DIR}/{shard}.parquet", "data_bytes": data_bytes,
@@ -226,9 +236,10 @@ def _text_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _error_row(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+def _error_row(batch: dict[str, np.ndarray], i: int, passthrough: tuple[str, ...]) -> dict[str, Any]:
     return {S.KEY: _text_or_none(batch[S.KEY][i]), S.SHARD: str(batch[S.SHARD][i]),
-            S.INDEX: int(batch[S.INDEX][i]), S.STAGE: str(batch[S.STAGE][i]), S.REASON: str(batch[S.REASON][i])}
+            S.INDEX: int(batch[S.INDEX][i]), S.STAGE: str(batch[S.STAGE][i]), S.REASON: str(batch[S.REASON][i]),
+            **{name: _text_or_none(batch[S.passthrough_column(name)][i]) for name in passthrough}}
 
 
 def _reasons(errors: list[dict[str, Any]]) -> dict[str, int]:

@@ -5,10 +5,12 @@ numpy, PIL and fsspec only: importing torch and the models costs each worker ~37
 seconds of CPU, for nothing a read worker uses.
 
 Each stage returns a `pyarrow.Table` built with the explicit in-flight types of `io/schemas.py`, so no
-column type depends on what one block happens to hold. A shard ends with one END row: a good one
-carries the sample count and the object read (size, version, storage retries); a FAILED one (REASON
-set, SHARD_SAMPLES -1) says why the shard cannot be committed this run: a tar that cannot be read to
-its end (STAGE "read") or a store fault that outlived the retries (STAGE "storage").
+column type depends on what one block happens to hold. A shard is a tar or a Parquet file of images
+(`parquet_shards.open_shard`). A shard ends with one END row: a good one carries the sample count and
+the object read (size, version, storage retries); a FAILED one (REASON set, SHARD_SAMPLES -1) says
+why the shard cannot be committed this run: a shard that cannot be read to its end (STAGE "read") or
+a store fault that outlived the retries (STAGE "storage"). Every row carries one in-flight column per
+`passthrough` field (`schemas.passthrough_column`): the sample's source field as text, or null.
 """
 
 from __future__ import annotations
@@ -24,18 +26,22 @@ import pyarrow as pa
 
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.io.decode import DecodeConfig, DecodeError, decode_image
-from dualtok.pipelines.io.shards import Sample, ShardFormatError, ShardLimits, ShardReader
+from dualtok.pipelines.io.parquet_shards import ParquetColumns, ParquetShardReader, open_shard
+from dualtok.pipelines.io.shards import Sample, ShardFormatError, ShardLimits, ShardReader, field_text
 from dualtok.pipelines.io.storage import StorageFault
 
 logger = logging.getLogger(__name__)
 
 Columns = dict[str, np.ndarray]
+Reader = ShardReader | ParquetShardReader  # what `open_shard` gives: a tar's or a Parquet file's
 
 
 @dataclass(frozen=True)
 class ReadShards:
     """One shard URI per input row -> one row per sample, plus an END row per shard.
 
+    `parquet` says which columns of a Parquet shard hold what; `passthrough` names the source fields
+    (a tar sample's .json keys, a Parquet row's columns) each row carries as text, null when missing.
     A read that the store fails (`StorageFault`) is retried `storage_retries` times from the start
     of the shard, after `retry_seconds`, doubling up to `max_retry_seconds`; rows already yielded
     are not yielded again. The same object must come back: a shard rewritten mid-read fails.
@@ -47,6 +53,8 @@ class ReadShards:
     storage_retries: int = 4
     retry_seconds: float = 0.5
     max_retry_seconds: float = 8.0
+    parquet: ParquetColumns = ParquetColumns()
+    passthrough: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rows_per_batch < 1 or self.storage_retries < 0 or self.retry_seconds < 0:
@@ -65,7 +73,7 @@ class ReadShards:
     def _shard(self, uri: str, shard: str) -> Iterator[Columns]:
         passed = _Passed()
         for attempt in range(self.storage_retries + 1):
-            reader = ShardReader(uri, self.storage_options or None, self.limits)
+            reader = open_shard(uri, self.storage_options or None, self.limits, self.parquet, self.passthrough)
             try:
                 rest = yield from self._read_once(reader, shard, passed)
             except StorageFault as err:
@@ -78,12 +86,12 @@ class ReadShards:
             except ShardFormatError as err:
                 failure = (S.STAGE_READ, str(err))
             else:
-                yield _columns([*rest, _end_row(shard, reader, attempt)])
+                yield _columns([*rest, self._end_row(shard, reader, attempt)])
                 return
-            yield _columns([_end_row(shard, reader, attempt, *failure)])
+            yield _columns([self._end_row(shard, reader, attempt, *failure)])
             return
 
-    def _read_once(self, reader: ShardReader, shard: str, passed: _Passed) -> Generator[Columns, None, list[dict]]:
+    def _read_once(self, reader: Reader, shard: str, passed: _Passed) -> Generator[Columns, None, list[dict]]:
         """Read the shard from its start: yield full batches of the rows not passed on by an earlier
         try, return the last rows (fewer than a batch)."""
         rows: list[dict[str, Any]] = []
@@ -92,7 +100,7 @@ class ReadShards:
                 raise _ShardChanged(f"the shard changed while it was read (version {passed.version} -> "
                                     f"{reader.version}) after {passed.samples} samples were passed on")
             if sample.index >= passed.samples:
-                rows.append(_sample_row(sample, shard))
+                rows.append(self._sample_row(sample, shard))
             if len(rows) >= self.rows_per_batch:
                 yield _columns(rows)
                 passed.samples, passed.version, rows = sample.index + 1, reader.version, []
@@ -102,6 +110,27 @@ class ReadShards:
         wait = min(self.retry_seconds * 2**attempt, self.max_retry_seconds)
         logger.warning("shard %s: %s; retry %d of %d in %.1f s", shard, err, attempt + 1, self.storage_retries, wait)
         time.sleep(wait)
+
+    def _sample_row(self, sample: Sample, shard: str) -> dict[str, Any]:
+        found = sample.image_bytes() if sample.error is None else None
+        error = sample.error
+        if error is None and found is None:
+            present = sorted([*sample.members, *sample.other_members])
+            error = f"no image member (members: {', '.join(present) or 'none'})"
+        return {
+            S.ROW_KIND: S.ERROR if error else S.SAMPLE, S.KEY: sample.key, S.SHARD: shard, S.INDEX: sample.index,
+            S.CAPTION: sample.caption if error is None else None, S.IMAGE_BYTES: found[1] if found else b"",
+            S.STAGE: S.STAGE_READ if error else "", S.REASON: error or "", S.SHARD_SAMPLES: -1, S.SHARD_BYTES: -1,
+            S.SHARD_VERSION: "", S.SHARD_RETRIES: 0,
+            **{S.passthrough_column(name): field_text(sample.fields.get(name)) for name in self.passthrough},
+        }
+
+    def _end_row(self, shard: str, reader: Reader, retries: int, stage: str = "", reason: str = "") -> dict[str, Any]:
+        """The shard's END row: its sample count, or (REASON set) why it failed this run."""
+        return {S.ROW_KIND: S.END, S.KEY: None, S.SHARD: shard, S.INDEX: -1, S.CAPTION: None, S.IMAGE_BYTES: b"",
+                S.STAGE: stage, S.REASON: reason, S.SHARD_SAMPLES: -1 if reason else reader.samples,
+                S.SHARD_BYTES: reader.size, S.SHARD_VERSION: reader.version, S.SHARD_RETRIES: retries,
+                **{S.passthrough_column(name): None for name in self.passthrough}}
 
 
 @dataclass
@@ -116,33 +145,12 @@ class _ShardChanged(RuntimeError):
     """The object was rewritten between two tries: rows already passed on came from the old one."""
 
 
-def _sample_row(sample: Sample, shard: str) -> dict[str, Any]:
-    found = sample.image_bytes() if sample.error is None else None
-    error = sample.error
-    if error is None and found is None:
-        present = sorted([*sample.members, *sample.other_members])
-        error = f"no image member (members: {', '.join(present) or 'none'})"
-    return {
-        S.ROW_KIND: S.ERROR if error else S.SAMPLE, S.KEY: sample.key, S.SHARD: shard, S.INDEX: sample.index,
-        S.CAPTION: sample.caption if error is None else None, S.IMAGE_BYTES: found[1] if found else b"",
-        S.STAGE: S.STAGE_READ if error else "", S.REASON: error or "", S.SHARD_SAMPLES: -1, S.SHARD_BYTES: -1,
-        S.SHARD_VERSION: "", S.SHARD_RETRIES: 0,
-    }
-
-
-def _end_row(shard: str, reader: ShardReader, retries: int, stage: str = "", reason: str = "") -> dict[str, Any]:
-    """The shard's END row: its sample count, or (REASON set) why it failed this run."""
-    return {S.ROW_KIND: S.END, S.KEY: None, S.SHARD: shard, S.INDEX: -1, S.CAPTION: None, S.IMAGE_BYTES: b"",
-            S.STAGE: stage, S.REASON: reason, S.SHARD_SAMPLES: -1 if reason else reader.samples,
-            S.SHARD_BYTES: reader.size, S.SHARD_VERSION: reader.version, S.SHARD_RETRIES: retries}
-
-
 def _columns(rows: list[dict[str, Any]]) -> Columns:
     """Rows -> numpy columns: integers as int64, text and bytes as object arrays (typed by `S.inflight_table`)."""
     out: Columns = {}
     for name in rows[0]:
         values = [row[name] for row in rows]
-        if S.INFLIGHT_TYPES[name] in (pa.string(), pa.large_binary()):
+        if S.inflight_type(name) in (pa.string(), pa.large_binary()):
             out[name] = np.empty(len(values), dtype=object)
             out[name][:] = values
         else:

@@ -3,6 +3,7 @@
 Tables:
 - token corpus (`data/<shard-id>.parquet`): one row per successfully tokenized image;
 - errors (`errors/<shard-id>.parquet`): one row per sample that could not be tokenized;
+  both end with the run's `passthrough` columns (source fields as nullable strings), if it asked for any;
 - commit markers (`_committed/<shard-id>.json`): per-shard counts, written last.
 `rows + errors == samples read`, per shard and in total.
 """
@@ -37,6 +38,9 @@ SHARD_BYTES, SHARD_VERSION, SHARD_RETRIES = "shard_bytes", "shard_version", "sha
 SAMPLE, ERROR, END = 0, 1, 2
 
 IMAGE_BYTES = "image_bytes"  # the sample's image member, from the read stage to the decode stage
+# A passthrough field travels as "source:<name>" (a string), so that no field name can meet an
+# in-flight column; the corpus and errors tables name it <name>.
+SOURCE_PREFIX = "source:"
 
 # Error stages.
 STAGE_READ, STAGE_DECODE, STAGE_ENCODE = "read", "decode", "encode"
@@ -45,7 +49,8 @@ STAGE_STORAGE = "storage"  # on a failed shard's END row: the store, not the dat
 # Arrow types of every in-flight column. Each stage builds its output table with these
 # (`inflight_table`), so no type is ever inferred: a block whose captions are all missing is still
 # a string column, and merges with the next block. The stages' outputs:
-#   read:    ROW_KIND KEY SHARD INDEX CAPTION IMAGE_BYTES STAGE REASON SHARD_SAMPLES SHARD_BYTES SHARD_VERSION SHARD_RETRIES
+#   read:    ROW_KIND KEY SHARD INDEX CAPTION IMAGE_BYTES STAGE REASON SHARD_SAMPLES SHARD_BYTES SHARD_VERSION SHARD_RETRIES,
+#            and a passthrough_column per passthrough field
 #   decode:  the read columns less IMAGE_BYTES, plus IMAGE WIDTH HEIGHT
 #   encode:  the decode columns less IMAGE, plus the token column of each stream
 INFLIGHT_TYPES: dict[str, pa.DataType] = {
@@ -60,6 +65,20 @@ INFLIGHT_TYPES: dict[str, pa.DataType] = {
 INFLIGHT_TENSORS: dict[str, pa.DataType] = {IMAGE: pa.uint8(), GUIDE_TOKENS: pa.uint16(), SEMANTIC_TOKENS: pa.uint16()}
 
 
+def passthrough_column(name: str) -> str:
+    """The in-flight column that carries passthrough field `name`."""
+    return SOURCE_PREFIX + name
+
+
+def inflight_type(name: str) -> pa.DataType:
+    """The Arrow type of in-flight column `name` (not a tensor); KeyError for a column without one."""
+    if name.startswith(SOURCE_PREFIX):
+        return pa.string()
+    if name not in INFLIGHT_TYPES:
+        raise KeyError(f"in-flight column {name!r} has no Arrow type in schemas.INFLIGHT_TYPES")
+    return INFLIGHT_TYPES[name]
+
+
 def inflight_table(columns: dict[str, np.ndarray]) -> pa.Table:
     """A stage's output columns -> a table with the explicit in-flight types; a column without one,
     or a tensor of the wrong element type, is an error of the stage, not something to guess."""
@@ -67,11 +86,9 @@ def inflight_table(columns: dict[str, np.ndarray]) -> pa.Table:
     for name, values in columns.items():
         if name in INFLIGHT_TENSORS:
             array = _tensor_array(name, np.asarray(values), INFLIGHT_TENSORS[name])
-        elif name in INFLIGHT_TYPES:
-            # from_pandas: a null that Ray handed over as NaN (an all-null object column) stays null
-            array = pa.array(values, INFLIGHT_TYPES[name], from_pandas=True)
         else:
-            raise KeyError(f"in-flight column {name!r} has no Arrow type in schemas.INFLIGHT_TYPES")
+            # from_pandas: a null that Ray handed over as NaN (an all-null object column) stays null
+            array = pa.array(values, inflight_type(name), from_pandas=True)
         fields.append(pa.field(name, array.type))
         arrays.append(array)
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
@@ -102,8 +119,11 @@ def inflight_columns(table: pa.Table) -> dict[str, np.ndarray]:
     return out
 
 
-def corpus_schema(guide_len: int | None, semantic_len: int | None, metadata: dict[str, Any]) -> pa.Schema:
-    """Corpus schema; a token column is present only for the streams the run produces."""
+def corpus_schema(guide_len: int | None, semantic_len: int | None, metadata: dict[str, Any],
+                  passthrough: tuple[str, ...] = ()) -> pa.Schema:
+    """Corpus schema; a token column is present only for the streams the run produces, and the
+    `passthrough` columns (nullable strings, named in the metadata's "passthrough") come last."""
+    check_passthrough(passthrough)
     fields = [
         pa.field(KEY, pa.string(), nullable=False),
         pa.field(SHARD, pa.string(), nullable=False),
@@ -116,6 +136,9 @@ def corpus_schema(guide_len: int | None, semantic_len: int | None, metadata: dic
         fields.append(pa.field(GUIDE_TOKENS, pa.list_(pa.uint16(), guide_len), nullable=False))
     if semantic_len is not None:
         fields.append(pa.field(SEMANTIC_TOKENS, pa.list_(pa.uint16(), semantic_len), nullable=False))
+    if passthrough:
+        metadata = {**metadata, "passthrough": list(passthrough)}
+    fields += _passthrough_fields(passthrough)
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
 
 
@@ -128,6 +151,32 @@ ERRORS_SCHEMA = pa.schema(
         pa.field(REASON, pa.string(), nullable=False),
     ]
 )
+# The corpus's own columns and the errors table's: a passthrough field may take none of these names.
+OWN_COLUMNS = (KEY, SHARD, INDEX, CAPTION, WIDTH, HEIGHT, GUIDE_TOKENS, SEMANTIC_TOKENS, STAGE, REASON)
+
+
+def errors_schema(passthrough: tuple[str, ...] = ()) -> pa.Schema:
+    """The errors table, with the run's passthrough columns last (a failed row is traceable too)."""
+    check_passthrough(passthrough)
+    return pa.schema([*ERRORS_SCHEMA, *_passthrough_fields(passthrough)])
+
+
+def check_passthrough(names: tuple[str, ...] | list[str]) -> None:
+    """Passthrough field names must be distinct, non-empty, and not the corpus's or errors' own columns."""
+    for name in names:
+        if not name or not name.strip():
+            raise ValueError(f"passthrough names an empty column: {list(names)}")
+        if name in OWN_COLUMNS:
+            table = "errors table" if name in (STAGE, REASON) else "corpus"
+            raise ValueError(f"passthrough column {name!r} clashes with the {table}'s own column {name!r} (the "
+                             f"tables' own columns: {', '.join(OWN_COLUMNS)}); leave it out of passthrough")
+    repeated = sorted({name for name in names if list(names).count(name) > 1})
+    if repeated:
+        raise ValueError(f"passthrough names {', '.join(map(repr, repeated))} more than once: {list(names)}")
+
+
+def _passthrough_fields(passthrough: tuple[str, ...]) -> list[pa.Field]:
+    return [pa.field(name, pa.string(), nullable=True) for name in passthrough]
 
 
 def read_metadata(schema: pa.Schema) -> dict[str, Any]:
@@ -208,6 +257,7 @@ TRAIN_DATA_SECONDS, TRAIN_COMPUTE_SECONDS = "data_seconds", "compute_seconds"
 TRAIN_RESUMED_FROM = "resumed_from"  # the checkpoint step this worker group started from (0: fresh)
 TRAIN_CODEBOOK_USAGE, TRAIN_CODEBOOK_PERPLEXITY = "codebook_usage", "codebook_perplexity"
 TRAIN_DEAD_CODES = "dead_codes_restarted"
+TRAIN_CPU_SECONDS = "worker_cpu_seconds"  # CPU time of the rank-0 worker process over the step (all its threads)
 
 
 def train_metrics_schema(loss_terms: tuple[str, ...]) -> pa.Schema:
@@ -228,6 +278,7 @@ def train_metrics_schema(loss_terms: tuple[str, ...]) -> pa.Schema:
             pa.field(TRAIN_CODEBOOK_USAGE, pa.float64(), nullable=True),
             pa.field(TRAIN_CODEBOOK_PERPLEXITY, pa.float64(), nullable=True),
             pa.field(TRAIN_DEAD_CODES, pa.int64(), nullable=True),
+            pa.field(TRAIN_CPU_SECONDS, pa.float64(), nullable=True),
             *[pa.field(term, pa.float64(), nullable=True) for term in loss_terms],
         ]
     )

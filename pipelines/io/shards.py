@@ -24,10 +24,16 @@ so that `rows + errors == samples in the tar` can be checked per shard. What eac
   tar, a sample count that disagrees with it fails the shard too.
 - Anything the store raises (opening, `info`, every read of the handle) is a `StorageFault`, never
   a format error: the caller retries the shard or fails it for this run, never records bad data.
+- A `.json` sidecar that parses to an object is kept whole as the sample's `fields` (img2dataset
+  writes url, sha256, status, width, height and licence fields there): tokenize's `passthrough`
+  copies chosen ones into the corpus (`field_text`).
+
+Parquet files of images are shards too (`parquet_shards.py`); their rows are `Sample`s like these.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -37,14 +43,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from dualtok.pipelines.io.storage import StorageFault, filesystem, object_version
+from dualtok.pipelines.io.storage import TAR_SUFFIXES, StorageFault, filesystem, object_version
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
 CAPTION_EXTENSIONS = ("txt", "json")
 _READ_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + CAPTION_EXTENSIONS)  # the members whose bytes are used
-_SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 # GNU long names and pax headers are read whole by tarfile before the member they describe: a header
 # that declares more than this is no name, it is an attempt to make the reader allocate.
 _MAX_HEADER_BYTES = 1 << 20
@@ -70,8 +75,9 @@ class ShardLimits:
 
 
 class ShardFormatError(ValueError):
-    """The tar cannot be read to its end-of-archive, or holds another number of samples than its
-    producer wrote: the shard fails this run (its samples so far are not committed)."""
+    """The shard cannot be read to its end (a tar to its end-of-archive, a Parquet file to its last
+    row), or holds another number of samples than its producer wrote: the shard fails this run (its
+    samples so far are not committed)."""
 
 
 @dataclass
@@ -84,11 +90,13 @@ class Sample:
     error: str | None = None
     caption: str | None = None
     other_members: list[str] = field(default_factory=list)  # extensions present but not read
+    image_member: str | None = None  # the member holding the image when the source names it (a Parquet column)
+    fields: dict[str, Any] = field(default_factory=dict)  # the source's fields: a .json sidecar, a Parquet row
 
     def image_bytes(self) -> tuple[str, bytes] | None:
-        for ext in IMAGE_EXTENSIONS:
-            if ext in self.members:
-                return ext, self.members[ext]
+        for name in (self.image_member,) if self.image_member else IMAGE_EXTENSIONS:
+            if name in self.members:
+                return name, self.members[name]
         return None
 
 
@@ -123,6 +131,23 @@ def describe(err: BaseException) -> str:
     return text(f"{type(err).__name__}: {' '.join(str(err).split())}"[:300])
 
 
+def field_text(value: Any) -> str | None:
+    """A source field as a corpus string: text as it is, bytes as hex, null as null, anything else
+    (numbers, booleans, lists, objects, timestamps) as JSON."""
+    if value is None or isinstance(value, str):
+        return None if value is None else text(value)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    return text(json.dumps(value, ensure_ascii=False, sort_keys=True, default=str))
+
+
+def over_cap(what: str, size: int, caption: bool, limits: ShardLimits) -> str | None:
+    """Why `what` (an image or caption of `size` bytes) is refused under `limits`, or None."""
+    cap, name = ((limits.max_caption_bytes, "max_caption_bytes") if caption
+                 else (limits.max_member_bytes, "max_member_bytes"))
+    return f"{what} is {size} bytes, over the {cap} byte cap ({name})" if size > cap else None
+
+
 def iter_samples(uri: str, storage_options: dict[str, Any] | None = None,
                  limits: ShardLimits = ShardLimits()) -> Iterator[Sample]:
     """Stream a shard's samples in tar order (see `ShardReader`)."""
@@ -142,22 +167,14 @@ class ShardReader:
         self.ignored_members = 0  # directories: not samples
 
     def __iter__(self) -> Iterator[Sample]:
-        fs, path = filesystem(self.uri, self.storage_options)
-        _store("refreshing the listing of", self.uri, lambda: fs.invalidate_cache(path))  # info of the object now
-        info = _store("reading the size and version of", self.uri, lambda: fs.info(path))
-        size = info.get("size")
-        self.size, self.version = (-1 if size is None else int(size)), object_version(info)
-        handle = _store("opening", self.uri, lambda: fs.open(path, "rb"))
-        try:
-            yield from self._read(_StoreHandle(handle, self.uri))
-        finally:
-            _store("closing", self.uri, handle.close)
+        with stored_object(self.uri, self.storage_options) as (stream, self.size, self.version):
+            yield from self._read(stream)
         expected = producer_sample_count(self.uri, self.storage_options)
         if expected is not None and expected[0] != self.samples:
             raise ShardFormatError(f"the tar holds {self.samples} samples but its producer's {expected[1]} "
                                    f"says {expected[0]}")
 
-    def _read(self, stream: _StoreHandle) -> Iterator[Sample]:
+    def _read(self, stream: StoreHandle) -> Iterator[Sample]:
         groups = _Grouping(self.limits)
         try:
             with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:  # type: ignore[call-overload]
@@ -177,16 +194,16 @@ def producer_sample_count(uri: str, storage_options: dict[str, Any] | None = Non
     ("successes", else "count") or the `<shard>.parquet` index (rows with status "success"); None
     when the producer wrote neither, or nothing usable (logged: no check is made then)."""
     stem = uri
-    for suffix in _SHARD_SUFFIXES:
+    for suffix in TAR_SUFFIXES:
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
             break
     fs, _ = filesystem(uri, storage_options)
     for sidecar, count in ((f"{stem}_stats.json", _stats_count), (f"{stem}.parquet", _index_count)):
         path = fs._strip_protocol(sidecar)
-        if not _store("looking for", sidecar, lambda: fs.exists(path)):
+        if not store_call("looking for", sidecar, lambda: fs.exists(path)):
             continue
-        data = _store("reading", sidecar, lambda: fs.cat_file(path))
+        data = store_call("reading", sidecar, lambda: fs.cat_file(path))
         try:
             found = count(data)
         except Exception as err:  # noqa: BLE001 - a producer's file we cannot parse is no reason to fail
@@ -211,7 +228,7 @@ def _index_count(data: bytes) -> int | None:
     return sum(1 for status in table["status"].to_pylist() if status == "success")
 
 
-def _store(doing: str, uri: str, call: Callable[[], _T]) -> _T:
+def store_call(doing: str, uri: str, call: Callable[[], _T]) -> _T:
     """Run one call to the store; whatever it raises is the store's failure, not the data's."""
     try:
         return call()
@@ -221,15 +238,45 @@ def _store(doing: str, uri: str, call: Callable[[], _T]) -> _T:
         raise StorageFault(f"{doing} {uri}: {describe(err)}") from err
 
 
-class _StoreHandle:
-    """The shard's file handle as tarfile sees it: a failing read is a `StorageFault`, so that only
-    what tarfile itself raises while parsing counts as a broken tar."""
+@contextlib.contextmanager
+def stored_object(uri: str, storage_options: dict[str, Any] | None) -> Iterator[tuple[StoreHandle, int, str]]:
+    """(handle, size, version) of the object as it is now, open for reading while the block runs."""
+    fs, path = filesystem(uri, storage_options)
+    store_call("refreshing the listing of", uri, lambda: fs.invalidate_cache(path))  # info of the object now
+    info = store_call("reading the size and version of", uri, lambda: fs.info(path))
+    size = info.get("size")
+    handle = store_call("opening", uri, lambda: fs.open(path, "rb"))
+    try:
+        yield StoreHandle(handle, uri), (-1 if size is None else int(size)), object_version(info)
+    finally:
+        store_call("closing", uri, handle.close)
+
+
+class StoreHandle:
+    """A shard's file handle as a parser (tarfile, pyarrow) sees it: a failing call is a
+    `StorageFault`, so that only what the parser itself raises counts as a broken shard. `fault`
+    keeps the last one, for parsers that hand on a callback's exception as one of their own."""
 
     def __init__(self, handle: Any, uri: str) -> None:
         self._handle, self._uri = handle, uri
+        self.fault: StorageFault | None = None
+        self.closed = False  # pyarrow asks; `stored_object` closes the store's handle after the parser is done
 
     def read(self, size: int = -1) -> bytes:
-        return _store("reading", self._uri, lambda: self._handle.read(size))
+        return self._call("reading", lambda: self._handle.read(size))
+
+    def seek(self, offset: int, whence: int = 0) -> int:  # pyarrow reads a Parquet footer first, then its pages
+        return self._call("seeking in", lambda: self._handle.seek(offset, whence))
+
+    def tell(self) -> int:
+        return self._call("seeking in", self._handle.tell)
+
+    def _call(self, doing: str, call: Callable[[], _T]) -> _T:
+        try:
+            return store_call(doing, self._uri, call)
+        except StorageFault as fault:
+            self.fault = fault
+            raise
 
 
 class _StrictTarInfo(tarfile.TarInfo):
@@ -295,7 +342,7 @@ class _Grouping:
         if self.current is not None:
             sample, self.current = self.current, None
             if sample.error is None:
-                sample.caption, sample.error = parse_caption(sample.members)
+                sample.caption, sample.fields, sample.error = parse_sidecars(sample.members)
             yield sample
 
     def _start(self, key: str) -> Sample:
@@ -325,11 +372,8 @@ class _Grouping:
             return None  # never read: no cap applies
         if ext in sample.members:
             return f"member {shown!r} appears twice in the sample"
-        cap, what = ((self.limits.max_caption_bytes, "max_caption_bytes") if ext in CAPTION_EXTENSIONS
-                     else (self.limits.max_member_bytes, "max_member_bytes"))
-        if member.size > cap:
-            return f"member {shown!r} is {member.size} bytes, over the {cap} byte cap ({what}); not read"
-        return None
+        problem = over_cap(f"member {shown!r}", member.size, ext in CAPTION_EXTENSIONS, self.limits)
+        return None if problem is None else f"{problem}; not read"
 
     def _new(self, key: str | None, error: str | None) -> Sample:
         sample = Sample(index=self.next_index, key=key, error=error)
@@ -343,18 +387,20 @@ def _kind_problem(name: str, member: tarfile.TarInfo) -> str:
     return f"member {name!r} is {kind}: {rule}"
 
 
-def parse_caption(members: dict[str, bytes]) -> tuple[str | None, str | None]:
-    """(caption, error) of a sample's members: the `.txt` (invalid UTF-8 replaced), else a `.json`
-    sidecar's string "caption". A `.json` that does not parse is the sample's error, whatever the
-    parser raised (invalid UTF-8 or JSON, nesting too deep for the recursion limit)."""
-    caption = None
+def parse_sidecars(members: dict[str, bytes]) -> tuple[str | None, dict[str, Any], str | None]:
+    """(caption, fields, error) of a sample's members: the caption is the `.txt` (invalid UTF-8
+    replaced), else a `.json` sidecar's string "caption"; the fields are the `.json` object (empty
+    without one, or when it holds no object). A `.json` that does not parse is the sample's error,
+    whatever the parser raised (invalid UTF-8 or JSON, nesting too deep for the recursion limit)."""
+    caption, fields = None, {}
     if "json" in members:
         try:
             meta = json.loads(members["json"])
         except Exception as err:  # noqa: BLE001 - any parse failure is this sample's, not the job's
-            return None, f"json sidecar: {describe(err)}"
-        if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
-            caption = text(meta["caption"])
+            return None, {}, f"json sidecar: {describe(err)}"
+        fields = meta if isinstance(meta, dict) else {}
+        if isinstance(fields.get("caption"), str):
+            caption = text(fields["caption"])
     if "txt" in members:
         caption = members["txt"].decode("utf-8", errors="replace").strip()
-    return caption, None
+    return caption, fields, None

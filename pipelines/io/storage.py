@@ -26,8 +26,12 @@ from dualtok.pipelines.config import SecretStr, secret
 
 logger = logging.getLogger(__name__)
 
-# gzip-compressed shards are read as a stream too (`r|*`); `shard_id` strips every suffix
-SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+# gzip-compressed shards are read as a stream too (`r|*`); `shard_id` strips every suffix.
+# A Parquet file of images is a shard too (io/parquet_shards.py), except the index img2dataset and
+# `dualtok shards` write beside a tar under the tar's name (`00000.parquet` next to `00000.tar`).
+TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+PARQUET_SUFFIX = ".parquet"
+SHARD_SUFFIXES = (*TAR_SUFFIXES, PARQUET_SUFFIX)
 _GLOB_CHARS = "*?["
 # What a store raises when it, not the data, fails: s3fs turns S3 error responses into OSError
 # subclasses, but hands on botocore's own errors (a connection that could not be made or was
@@ -131,9 +135,21 @@ def list_shard_objects(inputs: list[str], storage_options: dict[str, Any] | None
             continue
         for pattern in braceexpand(item):
             found.update((obj.uri, obj) for obj in _expand_one(pattern, storage_options))
+    indexes = _tar_indexes(found)
+    for index in indexes:
+        del found[index]
+    if indexes:
+        logger.info("%d listed .parquet files are the index of a tar beside them, not shards (e.g. %s)",
+                    len(indexes), indexes[0])
     if not found:
         raise InputListingError(f"no shards ({', '.join(SHARD_SUFFIXES)}) match the inputs {inputs}")
     return [found[uri] for uri in sorted(found)]
+
+
+def _tar_indexes(uris: dict[str, ShardObject]) -> list[str]:
+    """The listed `.parquet` files that are the index of a listed tar of the same name, not shards."""
+    stems = {uri[: -len(suffix)] for uri in uris for suffix in TAR_SUFFIXES if uri.endswith(suffix)}
+    return [uri for uri in uris if uri.endswith(PARQUET_SUFFIX) and uri[: -len(PARQUET_SUFFIX)] in stems]
 
 
 def list_shards(inputs: list[str], storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -165,7 +181,7 @@ def _folder_shards(fs: fsspec.AbstractFileSystem, path: str, pattern: str) -> li
     """The shards under a folder/prefix; none is an error (a wrong prefix, not an empty night)."""
     shards = _shard_objects(fs, fs.find(path, detail=True))
     if not shards:
-        raise InputListingError(f"no .tar shards under {pattern}")
+        raise InputListingError(f"no .tar or .parquet shards under {pattern}")
     return shards
 
 

@@ -13,7 +13,9 @@ from dualtok.pipelines.actors import BundleSource, StageResources
 from dualtok.pipelines.cluster import RayConfig
 from dualtok.pipelines.config import BUNDLE_REQUIRED, to_dict
 from dualtok.pipelines.io.decode import DecodeConfig
+from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.io.lease import LeaseConfig
+from dualtok.pipelines.io.parquet_shards import ParquetColumns
 from dualtok.pipelines.io.shards import ShardLimits
 from dualtok.pipelines.io.storage import StorageConfig
 from dualtok.pipelines.tokenize.pipeline import TokenizePlan
@@ -29,8 +31,8 @@ class ImageConfig:
 
     max_pixels: int = DecodeConfig.max_pixels  # width x height, read from the header
     max_decoded_bytes: int = DecodeConfig.max_decoded_bytes  # the decoded image in Pillow's mode (16-bit: 2 B/px)
-    max_member_bytes: int = ShardLimits.max_member_bytes  # an image or caption member, from its tar header
-    max_caption_bytes: int = ShardLimits.max_caption_bytes  # a .txt or .json member
+    max_member_bytes: int = ShardLimits.max_member_bytes  # one image or caption (tar member, Parquet cell)
+    max_caption_bytes: int = ShardLimits.max_caption_bytes  # a .txt or .json member, or a Parquet caption
     min_side: int = DecodeConfig.min_side  # a smaller image is an error row, not blown up
     jpeg_draft: bool = DecodeConfig.draft  # JPEG DCT-domain downscaling when the image is >= 2x the target
 
@@ -82,12 +84,20 @@ _SIZED_ENCODER_FIELDS = ("actors", "max_actors", "gpus_per_actor", "cpus_per_act
 
 @dataclass(frozen=True)
 class TokenizeConfig:
-    inputs: list[str] = field(default_factory=list)  # prefixes, globs, {00000..00099} braces, @list files
+    """What `dualtok tokenize` takes: each key, its default, and (the comment on its field) its meaning."""
+
+    # tar (.tar, .tar.gz, .tgz) or Parquet (.parquet) shards: prefixes, globs, {00000..00099} braces, @list files
+    inputs: list[str] = field(default_factory=list)
     output: str = ""  # the corpus folder or URI (data/, errors/, _committed/, manifest.json)
     bundle: str = ""  # required: a bundle path/URI, or a preset name (tiny, small, paper: random weights)
     seed: int = 0  # weights seed when `bundle` is a preset
     streams: Literal["both", "guide", "semantic"] = "both"  # which token columns the corpus gets
     image: ImageConfig = ImageConfig()
+    parquet: ParquetColumns = ParquetColumns()  # which columns of a .parquet input hold the image, caption, key
+    # Source fields copied into every corpus (and errors) row as nullable string columns, e.g. [url, sha256,
+    # license]: a tar sample's .json sidecar keys, a .parquet input's columns; a missing field is null.
+    # Fixed per corpus: a rerun on it with another list is refused.
+    passthrough: list[str] = field(default_factory=list)
     # one actor pool; each actor holds every requested branch; its size sized to the cluster unless set
     encoder: EncoderResources = EncoderResources()
     read_cpus: float | None = None  # per read+decode actor; None: 1 on GPU clusters, 0.25 on CPU-only ones
@@ -119,6 +129,7 @@ class TokenizeConfig:
                              f"{self.prefetch_batches}, {self.read_actors} and {self.read_cpus}")
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ValueError(f"max_error_fraction must be in [0, 1] (1.0: no limit), got {self.max_error_fraction}")
+        S.check_passthrough(self.passthrough)
 
 
 def cpu_node_resources(cpus: int, max_actors: int = 4) -> tuple[float, StageResources]:
@@ -194,7 +205,8 @@ def plan_from_config(config: TokenizeConfig, resources: Resources | None = None)
     size = _input_size(source, config.streams)
     return TokenizePlan(
         inputs=list(config.inputs), output=config.output, source=source, streams=config.streams,
-        decode=config.image.decode(size), limits=config.image.limits,
+        decode=config.image.decode(size), limits=config.image.limits, parquet=config.parquet,
+        passthrough=tuple(config.passthrough),
         encoder=resources.encoder, read_cpus=resources.read_cpus, read_actors=resources.read_actors,
         prefetch_batches=config.prefetch_batches,
         max_shards=config.max_shards,

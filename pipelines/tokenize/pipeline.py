@@ -1,4 +1,5 @@
-"""The tokenize pipeline: WebDataset shards -> Ray Data -> a Parquet token corpus, exactly once.
+"""The tokenize pipeline: WebDataset shards (or Parquet files of images) -> Ray Data -> a Parquet
+token corpus, exactly once.
 
     shard URIs (pending only) -> ReadAndDecode (a pool of torch-free CPU actors, one shard per call)
       -> EncodeTokens (actor pool; each actor holds the guide and/or semantic branch)
@@ -8,8 +9,10 @@ Decoded images cross the object store once, from a read actor into an encoder ac
 in flight are capped (`prefetch_batches` per actor), so memory stays flat however large the input.
 Only token rows (a few hundred bytes an image) reach the driver. The unit of work and of commit is
 the input shard: a rerun skips committed shards, picks up new ones, and redoes any shard a crash
-left uncommitted, that failed (a store fault that outlived the retries, a tar that cannot be read to
+left uncommitted, that failed (a store fault that outlived the retries, a shard that cannot be read to
 its end: `RunSummary.shards_failed`, never committed), or whose input changed since its commit.
+The corpus's passthrough columns are fixed by its first run: a run asking for others is refused
+before anything is written, since every file of a corpus has one schema.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ from typing import Any, Literal
 
 import numpy as np
 
+from dualtok.pipelines.config import ConfigError
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.io.corpus import RUNS_DIR, CorpusLayout, CorpusWriter
-from dualtok.pipelines.io.shard_ids import assign_shard_ids
+from dualtok.pipelines.io.shard_ids import assign_shard_ids, normalize_root
 from dualtok.pipelines.io.decode import DecodeConfig
 from dualtok.pipelines.io.lease import Lease, LeaseConfig
 from dualtok.pipelines.progress import Progress, format_progress
 from dualtok.pipelines.io.outputs import merge_counts, new_run_id, package_versions
+from dualtok.pipelines.io.parquet_shards import ParquetColumns
 from dualtok.pipelines.io.read import DecodeImages, ReadShards, add_read_stage
 from dualtok.pipelines.io.shards import ShardLimits
 from dualtok.pipelines.actors import BundleSource, StageResources, add_actor_stage
@@ -56,6 +61,8 @@ class TokenizePlan:
     streams: Streams
     decode: DecodeConfig
     limits: ShardLimits  # caps on tar members, checked before they are read
+    parquet: ParquetColumns  # which columns of a Parquet shard hold the image, caption and key
+    passthrough: tuple[str, ...]  # source fields copied into every row, in this order
     encoder: StageResources
     read_cpus: float
     read_actors: int
@@ -141,11 +148,12 @@ def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease:
     """The run, while it holds the output's lease; every shard commit checks the lease first."""
     import ray
 
-    objects = {obj.uri: obj for obj in shards}
+    objects = {obj.uri: obj for obj in _outside_output(shards, plan)}
     uris = sorted(objects)
     layout, info = _layout(plan)
     plan = dataclasses.replace(plan, source=dataclasses.replace(plan.source, expected_hashes=info["part_hashes"]))
     committed = layout.committed()
+    _check_passthrough(committed, plan.passthrough)
     # ids are paths under the corpus's recorded input root, whatever else this run lists
     ids = assign_shard_ids(uris, plan.output, committed, plan.input_root, run_id, plan.storage_options or None)
     _check_bundle(committed, info["bundle_fingerprint"], plan.on_bundle_change)
@@ -194,7 +202,7 @@ def _layout(plan: TokenizePlan) -> tuple[CorpusLayout, dict[str, Any]]:
     if "semantic" in parts:
         semantic_len = tokenizer.num_semantic_tokens
         info.update(semantic_tokens=semantic_len, semantic_vocab=tokenizer.semantic_vocab)
-    layout = CorpusLayout(plan.output, guide_len, semantic_len, info, plan.storage_options)
+    layout = CorpusLayout(plan.output, guide_len, semantic_len, info, plan.storage_options, plan.passthrough)
     return layout, info
 
 
@@ -226,6 +234,27 @@ def _still_committed(committed: dict[str, dict[str, Any]], inputs: dict[str, Sha
     return done
 
 
+def _outside_output(shards: list[ShardObject], plan: TokenizePlan) -> list[ShardObject]:
+    """The listed shards, less the corpus's own files: inputs given as a prefix above the output
+    would otherwise list its Parquet files as shards."""
+    output = normalize_root(plan.output, plan.storage_options or None)
+    kept = [obj for obj in shards if not obj.uri.startswith(output)]
+    if len(kept) < len(shards):
+        logger.info("%d listed files lie under the output %s: not input shards", len(shards) - len(kept), output)
+    return kept
+
+
+def _check_passthrough(committed: dict[str, dict[str, Any]], passthrough: tuple[str, ...]) -> None:
+    """Every file of a corpus has the same columns: a run asking for other passthrough columns than
+    the committed shards have stops before anything is written (markers without the key have none)."""
+    others = sorted({tuple(m.get("passthrough", ())) for m in committed.values()} - {passthrough})
+    if others:
+        raise ConfigError(
+            f"the corpus's committed shards have passthrough columns {list(others[0]) or 'none'}, this run asks "
+            f"for {list(passthrough) or 'none'}: every file of a corpus has the same columns. Rerun with "
+            f"passthrough=[{','.join(others[0])}], or write to a new output")
+
+
 def _check_bundle(committed: dict[str, dict[str, Any]], fingerprint: str, policy: str) -> None:
     others = sorted({m.get("bundle_fingerprint") for m in committed.values()} - {fingerprint})
     if others and policy == "error":
@@ -247,7 +276,8 @@ def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]]) -> Any:
     # encoder batch per block lets every actor take work and makes the budget count batches.
     ds.context.target_max_block_size = plan.batch_bytes
     # read blocks of one encoder batch each: the unit the in-flight budget below is counted in
-    read = ReadShards(plan.storage_options, rows_per_batch=plan.encoder.batch_size, limits=plan.limits)
+    read = ReadShards(plan.storage_options, rows_per_batch=plan.encoder.batch_size, limits=plan.limits,
+                      parquet=plan.parquet, passthrough=plan.passthrough)
     ds = add_read_stage(ds, read, DecodeImages(plan.decode), num_cpus=plan.read_cpus, max_actors=plan.read_actors)
     from dualtok.pipelines.tokenize.encode import EncodeTokens  # torch and the models: the actors' imports
 
