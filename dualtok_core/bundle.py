@@ -49,6 +49,9 @@ class BundleInfo:
     sources: dict[str, str]  # part -> "random-init (...)" or where the weights came from
     part_hashes: dict[str, str] = field(default_factory=dict)  # part -> sha256 of config + weights
     schema_version: int = BUNDLE_SCHEMA_VERSION
+    # How trained weights were made, where a whole recipe made them (`dualtok recipe`): the recipe,
+    # the data, the code version. Informational: not part of the fingerprint.
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -147,6 +150,7 @@ class DualTokenizer:
             preset=info.preset,
             sources={p: info.sources.get(p, str(uri)) for p in parts},
             part_hashes={p: h for p, h in info.part_hashes.items() if p in parts},
+            provenance=info.provenance,
         )
         tokenizer = cls(loaded, kept)
         if torch_dtype is not None or device is not None:

@@ -90,6 +90,33 @@ def to_model_input(images: torch.Tensor, size: int, device: torch.device, dtype:
     return x.clamp_(0.0, 1.0).to(dtype).contiguous(memory_format=torch.channels_last)
 
 
+def augment(
+    images: torch.Tensor, size: int, scale: tuple[float, float], hflip: bool, device: torch.device,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Training augmentation: uint8 (B, H, W, 3) -> float (B, 3, size, size) in [0, 1].
+
+    Each image's centre square is cropped to a random square whose area is a share in `scale` of
+    it, at a random place, resized to `size` (bicubic, antialiased), and mirrored left-right with
+    probability 1/2 when `hflip`. Square crops, because every branch takes square inputs.
+    """
+    low, high = scale
+    x = center_square(images.to(device).permute(0, 3, 1, 2)).to(torch.float32) / 255.0  # (B, 3, s, s)
+    side = x.shape[-1]
+    out = []
+    for image in x:
+        share = low + (high - low) * float(torch.rand((), generator=generator))
+        crop = max(1, min(side, round(side * share**0.5)))
+        top, left = (int(torch.randint(0, side - crop + 1, (), generator=generator)) for _ in range(2))
+        patch = image[None, :, top : top + crop, left : left + crop]  # (1, 3, crop, crop)
+        if crop != size:
+            patch = F.interpolate(patch, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        if hflip and float(torch.rand((), generator=generator)) < 0.5:
+            patch = patch.flip(-1)
+        out.append(patch)
+    return torch.cat(out).clamp_(0.0, 1.0).contiguous(memory_format=torch.channels_last)
+
+
 def center_square(x: torch.Tensor) -> torch.Tensor:
     """Crop (..., H, W) to its centered min(H, W) square."""
     height, width = x.shape[-2:]

@@ -6,10 +6,18 @@ Adding a stage is adding a class to `STAGES`; the Ray Train worker, the planner,
 the job's `stage` choices read everything from here.
 
     guide     Branch I   eq. 4-5 MSE to the input resized to the guide size + VQ terms   (GuideVQModel)
+    vae       Branch III the AutoencoderKL: L1 reconstruction + KL                      (UNet, text encoder frozen)
+    unet      Branch III epsilon prediction on the frozen VAE's latents, conditioned on the frozen
+                         text encoder's 77 x D caption features (the eq. 8 target), captions
+                         dropped to "" at `caption_dropout` for classifier-free guidance
     qformer   Branch II  eq. 6 contrastive, last causal query vs. the text [CLS]         (ViT frozen)
     codebook  Branch II  eq. 7 cosine between decoded and causal embeddings + VQ terms   (ViT, Q-Former frozen)
     reverse   Branch II  eq. 8 MSE of the 77 generation embeddings to the text encoder's features
                                                                               (only the Reverse Q-Former trains)
+
+The stages of a from-scratch bundle run in this order: guide, vae, unet, qformer, codebook,
+reverse (the reverse stage's target is the trained text encoder's features, so the diffusion
+branch comes before it; the text encoder itself is never trained, as in SD and SEED).
 
 A stage wraps one branch so that DDP can wrap the stage: DDP synchronises gradients only for
 what runs through its `forward`, so the loss must be that forward. Frozen parts get
@@ -28,6 +36,7 @@ import torch
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from dualtok_core.diffusion import DiffusionReconstructor
 from dualtok_core.errors import DualtokError
 from dualtok_core.guide import GuideVQModel
 from dualtok_core.semantic import SEED_LABEL_SMOOTHING, STAGE_TRAINABLE, SemanticTokenizer, contrastive_loss
@@ -58,6 +67,8 @@ class StageContext:
     max_text_length: int = 32
     label_smoothing: float = SEED_LABEL_SMOOTHING
     model: nn.Module | None = None  # the branch to train instead of the bundle's (guide: MoVQ weights)
+    kl_weight: float = 1e-6  # vae: weight of the KL term per latent element, against the per-pixel L1
+    caption_dropout: float = 0.1  # unet: share of captions replaced by "" (classifier-free guidance)
 
 
 @dataclass
@@ -74,6 +85,10 @@ class TrainingStage(nn.Module, abc.ABC):
     part: ClassVar[str] = ""  # the bundle part this stage trains
     frozen_parts: ClassVar[tuple[str, ...]] = ()  # other bundle parts it loads and keeps frozen
     needs_captions: ClassVar[bool] = False  # rows without a caption are skipped
+    # Where the trained branch's input size is in its config: the file under the part's folder
+    # (a bundle) or the key path in the preset's kwargs, and the key.
+    config_path: ClassVar[tuple[str, ...]] = ()
+    size_key: ClassVar[str] = "image_size"
     loss_terms: ClassVar[tuple[str, ...]] = ()  # the keys of `StageOutput.terms` (metric columns)
 
     def __init__(self, model: nn.Module) -> None:
@@ -98,6 +113,11 @@ class TrainingStage(nn.Module, abc.ABC):
     @property
     def image_size(self) -> int:
         return int(self.model.config.image_size)
+
+    @classmethod
+    def input_size(cls, part_config: dict[str, Any]) -> int:
+        """The trained branch's input size from its config (what `config_path` points at)."""
+        return int(part_config[cls.size_key])
 
     @property
     def codebook_size(self) -> int | None:
@@ -251,8 +271,132 @@ class ReverseStage(_SemanticStage):
         return StageOutput(loss=loss, terms={"generation_loss": loss.detach()})
 
 
+class _DiffusionStage(TrainingStage):
+    """One part of Branch III (`trained`: "vae" or "unet") trains; the rest stays frozen in eval mode."""
+
+    part = "diffusion"
+    trained: ClassVar[str] = ""
+    config_path = ("vae",)
+    size_key = "sample_size"
+
+    def __init__(self, model: DiffusionReconstructor) -> None:
+        super().__init__(model)
+        model.requires_grad_(False).eval()
+        getattr(model, self.trained).requires_grad_(True).train()
+
+    def train(self, mode: bool = True) -> _DiffusionStage:
+        getattr(self.model, self.trained).train(mode)  # the frozen parts stay in eval mode
+        self.training = mode
+        return self
+
+    def trainable_prefixes(self) -> tuple[str, ...]:
+        return (self.trained,)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.vae.config.sample_size)
+
+
+class VaeStage(_DiffusionStage):
+    """The AutoencoderKL: L1 between image and decoded posterior sample, plus the KL to N(0, I).
+
+    It also keeps a running estimate of the latents' standard deviation (over the posterior
+    samples it trains on) and exports `scaling_factor = 1 / std`, as SD 1.x chose its 0.18215:
+    the UNet stage then sees latents of unit variance, whatever the VAE learnt.
+    """
+
+    name, trained = "vae", "vae"
+    loss_terms = ("recon_loss", "kl_loss", "latent_std")
+    STD_KEY = "_stats.latent_std"  # the running std, kept in checkpoints beside the VAE's tensors
+    STD_MOMENTUM = 0.01
+
+    def __init__(self, model: DiffusionReconstructor, kl_weight: float = 1e-6) -> None:
+        super().__init__(model)
+        self.kl_weight = kl_weight
+        self.register_buffer("latent_std", torch.zeros((), dtype=torch.float32))  # 0: no estimate yet
+
+    @classmethod
+    def from_bundle(cls, tokenizer: Any, context: StageContext) -> VaeStage:
+        model = context.model if context.model is not None else tokenizer.part(cls.part)
+        return cls(model, kl_weight=context.kl_weight).to(context.device)
+
+    def forward(self, images: torch.Tensor) -> StageOutput:
+        vae = self.model.vae
+        x = images * 2.0 - 1.0  # (B, 3, S, S) in [-1, 1]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample()  # (B, 4, S/f, S/f)
+        reconstruction = vae.decode(z).sample  # (B, 3, S, S)
+        recon = (reconstruction.float() - x.float()).abs().mean()
+        kl = posterior.kl().float().mean() / z[0].numel()  # per latent element
+        with torch.no_grad():
+            std = z.detach().float().std()
+            momentum = self.STD_MOMENTUM if bool(self.latent_std > 0) else 1.0
+            self.latent_std.mul_(1.0 - momentum).add_(momentum * std)
+        loss = recon + self.kl_weight * kl
+        return StageOutput(loss=loss, terms={"recon_loss": recon.detach(), "kl_loss": kl.detach(),
+                                             "latent_std": self.latent_std.detach().clone()})
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {**super().trainable_state(), self.STD_KEY: self.latent_std.detach().to("cpu").clone()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        std = state.pop(self.STD_KEY, None)
+        if std is None:
+            raise DualtokError(f"vae checkpoint has no {self.STD_KEY}: it was not written by the vae stage")
+        super().load_trainable_state(state)
+        self.latent_std.copy_(std)
+        if float(std) > 0:
+            self.model.vae.register_to_config(scaling_factor=1.0 / float(std))
+
+
+class UnetStage(_DiffusionStage):
+    """Epsilon prediction on the frozen VAE's latents (posterior samples, scaled) at uniformly drawn
+    timesteps of the bundle's own noise schedule, conditioned on the frozen text encoder's (B, 77, D)
+    caption features: the conditioning the Reverse Q-Former is trained to imitate (eq. 8)."""
+
+    name, trained, needs_captions = "unet", "unet", True
+    loss_terms = ("noise_loss",)
+
+    def __init__(self, model: DiffusionReconstructor, caption_dropout: float = 0.1) -> None:
+        super().__init__(model)
+        if not 0.0 <= caption_dropout < 1.0:
+            raise DualtokError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        self.caption_dropout = caption_dropout
+
+    @classmethod
+    def from_bundle(cls, tokenizer: Any, context: StageContext) -> UnetStage:
+        model = context.model if context.model is not None else tokenizer.part(cls.part)
+        return cls(model, caption_dropout=context.caption_dropout).to(context.device)
+
+    def inputs(self, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        dropped = torch.rand(len(captions)) < self.caption_dropout  # the global RNG: checkpointed
+        kept = ["" if drop else str(caption) for caption, drop in zip(captions, dropped.tolist(), strict=True)]
+        with torch.no_grad():
+            cond = self.model.text_embeddings(kept)  # (B, 77, D)
+        return {"images": images, "cond": cond.to(images.device)}
+
+    def forward(self, images: torch.Tensor, cond: torch.Tensor) -> StageOutput:
+        vae, scheduler = self.model.vae, self.model.scheduler
+        with torch.no_grad():
+            x = (images * 2.0 - 1.0).to(vae.dtype)
+            latents = vae.encode(x).latent_dist.sample()  # (B, 4, h, w)
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            latents = (latents - shift) * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        steps = int(scheduler.config.num_train_timesteps)
+        t = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
+        # q(z_t | z_0) of the schedule, computed here: the scheduler's add_noise moves its own tables.
+        alpha = scheduler.alphas_cumprod.to(latents.device, torch.float32)[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        noisy = (alpha.sqrt() * latents.float() + (1.0 - alpha).sqrt() * noise.float()).to(latents.dtype)
+        pred = self.model.unet(noisy, t, encoder_hidden_states=cond.to(noisy.dtype)).sample  # (B, 4, h, w)
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        return StageOutput(loss=loss, terms={"noise_loss": loss.detach()})
+
+
+# In the order a from-scratch bundle trains them.
 STAGES: dict[str, type[TrainingStage]] = {
-    stage.name: stage for stage in (GuideStage, QFormerStage, CodebookStage, ReverseStage)
+    stage.name: stage for stage in (GuideStage, VaeStage, UnetStage, QFormerStage, CodebookStage, ReverseStage)
 }
 
 

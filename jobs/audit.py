@@ -88,20 +88,8 @@ def run(args: argparse.Namespace) -> int:
         stats = write_statistics(config.corpus, config.output, config.storage.storage_options())
         print_statistics(stats, config.output, as_json=getattr(args, "json", False))
         return 0
-    from dualtok.pipelines.audit.pipeline import run_audit
-
-    plan = plan_from_config(config)
-    init_ray(config.ray)
-    quiet_ray_data(getattr(args, "verbose", 0))  # before the dataset is built: it copies the context
-    reporter = terminal_progress(args, "audit")
-    try:
-        summary = run_audit(plan, progress=reporter)
-    finally:
-        if reporter is not None:
-            reporter.close()
-    crossed = _after_audit(config, summary)
+    summary, code, crossed = audit(config, args)
     too_many = summary.error_fraction > config.max_error_fraction
-    code = EXIT_TOO_MANY_ERRORS if too_many or crossed else 0
     print_summary(summary, code, crossed, as_json=getattr(args, "json", False))
     for line in crossed:
         print(f"dualtok audit: threshold crossed: {line}", file=sys.stderr)
@@ -110,6 +98,25 @@ def run(args: argparse.Namespace) -> int:
                                   config.max_error_fraction)
         print(f"dualtok audit: error: {message}", file=sys.stderr)
     return code
+
+
+def audit(config: AuditConfig, args: argparse.Namespace | None = None) -> tuple[Any, int, list[str]]:
+    """Plan, run, index and check thresholds: (summary, exit code, thresholds crossed). `args`
+    carries the global flags (progress display, verbosity); None: no progress display."""
+    from dualtok.pipelines.audit.pipeline import run_audit
+
+    plan = plan_from_config(config)
+    init_ray(config.ray)
+    quiet_ray_data(getattr(args, "verbose", 0))  # before the dataset is built: it copies the context
+    reporter = terminal_progress(args, "audit") if args is not None else None
+    try:
+        summary = run_audit(plan, progress=reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    crossed = _after_audit(config, summary)
+    too_many = summary.error_fraction > config.max_error_fraction
+    return summary, EXIT_TOO_MANY_ERRORS if too_many or crossed else 0, crossed
 
 
 def _after_audit(config: AuditConfig, summary: Any) -> list[str]:

@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("dualtok.jobs.demo", "build sample shards from bundled photos and tokenize them locally (no arguments)"),
     "tokenize": ("dualtok.jobs.tokenize", "tokenize WebDataset shards into a Parquet token corpus (Ray Data)"),
     "train": ("dualtok.jobs.train", "train one stage of the tokenizer with Ray Train"),
+    "recipe": ("dualtok.jobs.recipe", "train every stage of a bundle in order from one config, then audit it on held-out shards"),
     "audit": ("dualtok.jobs.audit", "audit how faithfully a token corpus reconstructs its images: tables + HTML report"),
     "export": ("dualtok.jobs.export", "export a token corpus as LLM training sequences (Megatron .bin/.idx or Parquet)"),
     "stats": ("dualtok.jobs.stats", "corpus statistics: rows, errors, codebook usage, perplexity, duplicate token sequences"),

@@ -82,6 +82,8 @@ KINDS: dict[str, JobKind] = {
             JobKind(f"train-{stage}", ("train", stage), f"{cls.__module__}:{cls.__name__}", _EIGHT_GPUS, 7 * _DAY)
             for stage, cls in STAGE_CONFIGS.items()
         ),
+        # every stage in order, then the held-out tokenize and audit, on the training cluster's shape
+        JobKind("recipe", ("recipe",), "dualtok.jobs.recipe:RecipeConfig", _EIGHT_GPUS, 7 * _DAY),
     )
 }
 

@@ -77,6 +77,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(TokenizeConfig, args)
+    try:
+        summary, code = tokenize(config, args)
+    except LeaseLostError as err:  # shards committed before the loss stand; the rest are the next run's
+        print(f"dualtok tokenize: stopped: {err}", file=sys.stderr)
+        return EXIT_PARTIAL_FAILURE
+    print_summary(summary, code, as_json=getattr(args, "json", False))
+    if code == EXIT_TOO_MANY_ERRORS:
+        message = too_many_errors(summary.errors, summary.samples, summary.errors_by_reason, config.max_error_fraction)
+        print(f"dualtok tokenize: error: {message}", file=sys.stderr)
+    return code
+
+
+def tokenize(config: TokenizeConfig, args: argparse.Namespace | None = None) -> tuple[RunSummary, int]:
+    """Check the inputs before Ray starts, size the resources to the cluster, run: (summary, exit code).
+    `args` carries the global flags (progress display, verbosity); None: no progress display."""
     options = config.storage.storage_options()
     shards = list_shard_objects(config.inputs, options or None)  # once, before Ray: a wrong path fails in a second
     check_bundle(config.bundle, options)
@@ -84,22 +99,14 @@ def run(args: argparse.Namespace) -> int:
     init_ray(config.ray, min_cpus=_explicit_cpus(config))
     plan = plan_from_config(config, _cluster_resources(config))
     quiet_ray_data(getattr(args, "verbose", 0))  # before the dataset is built: it copies the context
-    reporter = terminal_progress(args, "tokenize")
+    reporter = terminal_progress(args, "tokenize") if args is not None else None
     try:
         summary = run_tokenize(plan, shards, progress=reporter)
-    except LeaseLostError as err:  # shards committed before the loss stand; the rest are the next run's
-        print(f"dualtok tokenize: stopped: {err}", file=sys.stderr)
-        return EXIT_PARTIAL_FAILURE
     finally:
         if reporter is not None:
             reporter.close()
     too_many = summary.error_fraction > config.max_error_fraction
-    code = EXIT_TOO_MANY_ERRORS if too_many else EXIT_PARTIAL_FAILURE if summary.shards_failed else 0
-    print_summary(summary, code, as_json=getattr(args, "json", False))
-    if too_many:
-        message = too_many_errors(summary.errors, summary.samples, summary.errors_by_reason, config.max_error_fraction)
-        print(f"dualtok tokenize: error: {message}", file=sys.stderr)
-    return code
+    return summary, EXIT_TOO_MANY_ERRORS if too_many else EXIT_PARTIAL_FAILURE if summary.shards_failed else 0
 
 
 def _explicit_cpus(config: TokenizeConfig) -> float:

@@ -33,7 +33,7 @@ from dualtok.pipelines.train.state import (
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.config import ConfigError, load_config
 from dualtok.pipelines.shards.photos import BASE_PHOTOS, sample_photos, write_sample_shards
-from dualtok.pipelines.train.data import KeepTrainingSamples
+from dualtok.pipelines.train.data import KeepTrainingSamples, train_text_tokenizer
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -43,21 +43,7 @@ TINY_QFORMER_VOCAB = 512  # semantic.PRESETS["tiny"]["qformer_config"]["vocab_si
 # ---- fixtures -----------------------------------------------------------------------------------
 def build_text_tokenizer(folder: Path, captions: list[str], vocab_size: int = 200) -> Path:
     """A BERT-style WordPiece tokenizer trained offline on `captions`, saved as transformers does."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.train_from_iterator(captions, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
-    tokenizer.post_processor = processors.BertProcessing(
-        ("[SEP]", tokenizer.token_to_id("[SEP]")), ("[CLS]", tokenizer.token_to_id("[CLS]"))
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", model_max_length=32)
-    fast.save_pretrained(str(folder))
-    return folder
+    return Path(train_text_tokenizer(captions, str(folder), vocab_size))
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +177,16 @@ def test_ray_storage_goes_through_fsspec_for_object_stores(s3, tmp_path):
 
 
 # ---- Ray-free: every stage learns, and only its own parts ----------------------------------------
-@pytest.mark.parametrize("name", ["qformer", "codebook", "reverse", "guide"])
+def trained_parts(name: str):
+    """Whether a top-level part of the stage's branch trains."""
+    if name == "guide":
+        return lambda part: True
+    if STAGES[name].part == "diffusion":
+        return lambda part: part == STAGES[name].trained
+    return lambda part: part in STAGE_TRAINABLE[name]
+
+
+@pytest.mark.parametrize("name", ["qformer", "codebook", "reverse", "guide", "vae", "unet"])
 def test_stage_lowers_its_loss_on_a_fixed_batch_and_trains_only_its_parts(
     name, photos, text_tokenizer, tiny, one_thread
 ):
@@ -207,9 +202,10 @@ def test_stage_lowers_its_loss_on_a_fixed_batch_and_trains_only_its_parts(
     # step: without it the codebook trails the fast-moving encoder and the VQ terms grow.
     used = photos[:2] if name == "guide" else photos
     batch = stage.inputs(images_at(used, stage.image_size), [caption for _, _, caption in used])
-    assert set(batch) == {"images", "input_ids", "attention_mask"} if name == "qformer" else \
-        set(batch) == ({"images", "target"} if name == "reverse" else {"images"})
-    trains = (lambda part: True) if name == "guide" else (lambda part: part in STAGE_TRAINABLE[name])
+    expected = {"qformer": {"images", "input_ids", "attention_mask"}, "reverse": {"images", "target"},
+                "unet": {"images", "cond"}}
+    assert set(batch) == expected.get(name, {"images"})
+    trains = trained_parts(name)
     frozen_before = state_by_prefix(model, lambda part: not trains(part))
     trained_before = state_by_prefix(model, trains)
     optimizer = build_optimizer(stage.named_trainable_parameters(), 1e-3, 0.0)
@@ -225,12 +221,18 @@ def test_stage_lowers_its_loss_on_a_fixed_batch_and_trains_only_its_parts(
             with torch.no_grad():
                 model.reset_dead_codes(model.encode_latents(batch["images"]), usage.used, torch.Generator().manual_seed(0))
             usage.reset()
-    assert losses[-1] < 0.7 * losses[0], losses
+    if name == "unet":  # fresh noise and timesteps each step: compare the ends of the run
+        assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
+    else:
+        assert losses[-1] < 0.7 * losses[0], losses
     for key, before in frozen_before.items():  # bit-identical, and never handed a gradient
         assert torch.equal(model.state_dict()[key], before), key
     frozen_params = [p for n, p in model.named_parameters() if not trains(n.split(".")[0])]
     assert all(p.grad is None and not p.requires_grad for p in frozen_params)
-    if name != "guide":
+    if cls.part == "diffusion":
+        assert getattr(model, cls.trained).training
+        assert not any(getattr(model, part).training for part in ("vae", "unet", "text_encoder") if not trains(part))
+    elif name != "guide":
         modules = [getattr(model, part) for part in STAGE_TRAINABLE[name]]
         assert not model.vision_model.training
         assert all(m.training for m in modules if isinstance(m, torch.nn.Module))
@@ -238,38 +240,52 @@ def test_stage_lowers_its_loss_on_a_fixed_batch_and_trains_only_its_parts(
     assert len(changed) >= 0.8 * len(trained_before)
 
 
-def test_checkpoint_restores_weights_optimizer_schedule_and_rng_exactly(photos, tmp_path, one_thread):
+@pytest.mark.parametrize("name", ["codebook", "vae", "unet"])
+def test_checkpoint_restores_weights_optimizer_schedule_and_rng_exactly(name, photos, tmp_path, one_thread):
+    """Three steps straight equal one step, a checkpoint, a restore and two more steps, bit for bit;
+    the unet stage draws captions dropped, timesteps and noise from the RNG the checkpoint keeps."""
     schedule = LRSchedule(lr=1e-3, total_steps=4, warmup_steps=1, warmup_lr=1e-5, min_lr=1e-4)
+    cls = STAGES[name]
+    captions = [caption for _, _, caption in photos]
 
     def setup():
-        stage = CodebookStage(fresh_branch("semantic"))
+        stage = cls(fresh_branch(cls.part))
         optimizer = build_optimizer(stage.named_trainable_parameters(), schedule.lr, 0.05)
         return stage, optimizer, build_scheduler(optimizer, schedule)
 
-    batch = {"images": images_at(photos, 224)}
+    def step(stage, optimizer, scheduler):
+        optimizer_step(stage, optimizer, scheduler, [stage.inputs(images_at(photos, stage.image_size), captions)])
+
+    torch.manual_seed(7)
     straight = setup()
     for _ in range(3):
-        optimizer_step(*straight, [batch])
+        step(*straight)
+    torch.manual_seed(7)
     stage, optimizer, scheduler = setup()
-    optimizer_step(stage, optimizer, scheduler, [batch])
-    torch.manual_seed(123)
+    step(stage, optimizer, scheduler)
     state = capture_training_state(1, optimizer, scheduler, None, [rng_state()], None)
-    save_checkpoint(tmp_path, stage, state, {"stage": "codebook", "step": 1})
+    save_checkpoint(tmp_path, stage, state, {"stage": name, "step": 1})
     expected_draw = torch.rand(3)
 
+    torch.manual_seed(123)  # whatever the restarted process drew before, the checkpoint's RNG wins
     resumed = setup()
     tensors, loaded, meta = read_checkpoint(tmp_path)  # weights_only=True load of the training state
     resumed[0].load_trainable_state(tensors)
     assert apply_training_state(loaded, resumed[1], resumed[2], None, rank=0, world=1, seed=0) == 1
     assert meta["step"] == 1 and torch.equal(torch.rand(3), expected_draw)
+    apply_training_state(loaded, resumed[1], resumed[2], None, rank=0, world=1, seed=0)  # undo the probe draw
     for _ in range(2):
-        optimizer_step(*resumed, [batch])
+        step(*resumed)
     assert resumed[2].last_epoch == 3 and resumed[1].param_groups[0]["lr"] == pytest.approx(schedule.lr_at(3))
     final, reference = resumed[0].trainable_state(), straight[0].trainable_state()
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[k], reference[k]) for k in final)
+    dropped = next(k for k in tensors if not k.startswith("_"))
     with pytest.raises(DualtokError, match="missing"):
-        resumed[0].load_trainable_state({k: v for k, v in tensors.items() if "codebook" not in k})
+        resumed[0].load_trainable_state({k: v for k, v in tensors.items() if k != dropped})
+    if name == "vae":  # the latents' running std travels in the checkpoint and sets the export's scaling
+        std = float(tensors[cls.STD_KEY])
+        assert 0 < std and resumed[0].model.vae.config.scaling_factor == pytest.approx(1 / std)
 
 
 def _ddp_qformer_gradients(rank: int, port: int, batch: dict, out: str) -> None:
@@ -459,32 +475,81 @@ def test_guide_trains_on_s3_with_two_workers_exports_a_bundle_and_a_rerun_does_n
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/runs/guide-s3") if "checkpoint_0" in p) == checkpoints
 
 
-@pytest.mark.slow  # three 1-worker Ray Train runs, each loading the previous one's bundle: ~1 min on 2 cores
-def test_semantic_stages_chain_qformer_codebook_reverse_through_exported_bundles(
-    ray_session, local_shards, text_tokenizer, tiny, photos, tmp_path
+@pytest.mark.slow  # four 1-worker Ray Train runs, then a held-out tokenize and audit: ~2 min on 2 cores
+def test_recipe_chains_stages_through_exported_bundles_audits_held_out_shards_and_a_rerun_does_nothing(
+    ray_session, local_shards, tiny, photos, tmp_path, capsys
 ):
-    previous, bundle = tiny, "tiny"
-    for stage in ("qformer", "codebook", "reverse"):
-        out = tmp_path / stage
-        extra = [f"text_tokenizer={text_tokenizer}"] if stage == "qformer" else []
-        config = load_config(STAGE_CONFIGS[stage], None,
-                             [*overriding(two_worker_overrides(str(local_shards), bundle, str(out),
-                                                               str(tmp_path / "runs"), 3, 3), "num_workers=1"),
-                              *extra])  # two workers: the guide, kill and rerun tests
-        summary = train(config)
-        assert summary.steps == 3 and not summary.already_finished and summary.first_loss > 0
-        exported = DualTokenizer.from_pretrained(out)
-        trained = STAGE_TRAINABLE[stage]
-        assert_same_tensors(exported.part("semantic"), previous.part("semantic"),
-                            lambda part, trained=trained: part not in trained)
-        assert_trained(exported.part("semantic"), previous.part("semantic"),
-                       lambda part, trained=trained: part in trained)
-        assert_same_tensors(exported.part("guide"), previous.part("guide"))
-        assert_same_tensors(exported.part("diffusion"), previous.part("diffusion"))
-        assert exported.info.sources["semantic"].startswith(f"trained: stage {stage}, run {summary.run}, steps 3")
-        assert (out / TEXT_TOKENIZER_DIR / "tokenizer.json").is_file()  # travels on to the next stage
-        assert_tokenizes(exported, photos)
-        previous, bundle = exported, str(out)
+    """`dualtok recipe`: vae, unet, qformer, reverse from a changed preset (the guide and codebook
+    stages run in the guide-on-S3 and kill tests), each reading the previous stage's bundle; the
+    Q-Former's text tokenizer is trained on the captions; the held-out shards are tokenized with the
+    last bundle and audited; the same command again retrains and rewrites nothing."""
+    heldout = tmp_path / "heldout"
+    write_sample_shards(str(heldout), count=4, per_shard=4, seed=9)
+    command = ["recipe", f"inputs={local_shards}", f"heldout={heldout}", "bundle=tiny", f"output={tmp_path}/r",
+               "stages=[reverse, qformer, unet, vae]", "preset_overrides={guide: {guide_size: 32}}",
+               "every_stage={batch_size: 2, steps: 2, checkpoint_every: 2, lr: 0.001, warmup_steps: 0, "
+               "min_lr: 0.0001, dead_code_every: 1}", "stage={unet: {caption_dropout: 0.5}}",
+               "audit={sample_size: 2, steps: 2, size: 32}", "tokenize={encoder: {actors: 1}}"]
+    assert cli(command) == 0
+    out = capsys.readouterr().out
+    record = json.loads((tmp_path / "r" / "recipe.json").read_text())
+    assert list(record["stages"]) == ["vae", "unet", "qformer", "reverse"]  # STAGES order, whatever the list's
+    init = DualTokenizer.from_pretrained(tmp_path / "r" / "bundles" / "init")
+    assert init.guide_size == 32 and init.info.untrained_parts == ["diffusion", "guide", "semantic"]
+    previous = init
+    for stage, step in record["stages"].items():
+        assert step["steps"] == 2 and not step["already_finished"] and step["worker_cpu_seconds"] > 0
+        exported = DualTokenizer.from_pretrained(step["bundle"])
+        cls = STAGES[stage]
+        trains = trained_parts(stage)
+        assert_trained(exported.part(cls.part), previous.part(cls.part), trains)
+        assert_same_tensors(exported.part(cls.part), previous.part(cls.part), lambda part, t=trains: not t(part))
+        for other in {"guide", "semantic", "diffusion"} - {cls.part}:
+            assert_same_tensors(exported.part(other), previous.part(other))
+        assert exported.info.sources[cls.part].startswith(f"trained: stage {stage}, run {stage}, steps 2")
+        previous = exported
+    vae = DualTokenizer.from_pretrained(record["stages"]["vae"]["bundle"]).part("diffusion").vae
+    assert vae.config.scaling_factor != init.part("diffusion").vae.config.scaling_factor  # 1 / the latents' std
+    assert (tmp_path / "r" / "text_tokenizer" / "tokenizer.json").is_file()
+    assert (tmp_path / "r" / "bundles" / "reverse" / TEXT_TOKENIZER_DIR / "tokenizer.json").is_file()
+    assert previous.tokenize(photos[0][1]).guide.shape == (1, 16)
+
+    held = record["heldout"]
+    assert held["images"] == 4 and held["audited"] == 2 and held["errors"] == 0
+    assert {"dual", "semantic-only", "guide-upsampled"} <= set(held["variants"])
+    summary = json.loads((tmp_path / "r" / "heldout" / "audit" / "summary.json").read_text())
+    assert summary["bundle"]["fingerprint"] == previous.fingerprint and "dual" in out
+
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "r" / "bundles").rglob("*") if p.is_file()}
+    assert cli(command) == 0
+    again = json.loads((tmp_path / "r" / "recipe.json").read_text())
+    assert all(step["already_finished"] for step in again["stages"].values())
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r" / "bundles").rglob("*") if p.is_file()} == before
+
+
+def test_recipe_plan_builds_and_checks_every_step_before_anything_runs(tmp_path):
+    from dualtok.jobs.recipe import RecipeConfig, plan_recipe
+
+    base = [f"inputs={tmp_path}/shards", "bundle=tiny", f"output={tmp_path}/r"]
+    plan = plan_recipe(load_config(RecipeConfig, None, [*base, "heldout=h", "guide_sizes=[16]",
+                                                        "every_stage={steps: 5, dead_code_every: 7}"]))
+    assert [c.STAGE for c in plan.stages] == list(STAGE_CONFIGS)  # all of them, in the from-scratch order
+    assert [c.bundle for c in plan.stages[1:]] == [c.output for c in plan.stages[:-1]]
+    assert all(c.steps == 5 for c in plan.stages) and plan.stages[0].dead_code_every == 7
+    assert plan.guides[0][1].output.endswith("bundles/guide-16px") and plan.audit.guide_bundles == [
+        plan.guides[0][1].output]
+    assert plan.tokenize.bundle == plan.audit.bundle == plan.stages[-1].output
+    with pytest.raises(ConfigError, match="stage.vae.*kl_wieght"):  # a misspelt key fails before any work
+        plan_recipe(load_config(RecipeConfig, None, [*base, "stage={vae: {kl_wieght: 1}}"]))
+    with pytest.raises(ConfigError, match="every_stage.*typo_key|typo_key"):
+        plan_recipe(load_config(RecipeConfig, None, [*base, "every_stage={typo_key: 1}"]))
+    with pytest.raises(ConfigError, match="output: the recipe sets these"):
+        load_config(RecipeConfig, None, [*base, "every_stage={output: x}"])
+    with pytest.raises(ConfigError, match="stages must name"):
+        load_config(RecipeConfig, None, [*base, "stages=[guide, decoder]"])
+    with pytest.raises(ConfigError, match="not a preset|not one"):
+        plan_recipe(load_config(RecipeConfig, None, [f"inputs={tmp_path}/s", f"bundle={tmp_path}/b",
+                                                     f"output={tmp_path}/r", "guide_sizes=[16]"]))
 
 
 # The Ray Train controller unpickles the callback below; pytest imports this file under a module

@@ -167,3 +167,39 @@ def _log_y_ticks(frame: _Frame, top: float) -> list[str]:
         parts.append(f'<line x1="{left}" y1="{py:.1f}" x2="{right}" y2="{py:.1f}" stroke="#eee"/>'
                      f'<text class="ytick" x="{left - 4}" y="{py + 4:.1f}" text-anchor="end">{label}</text>')
     return parts
+
+
+def line_plot(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str,
+              log_y: bool = False, width: int = 520, height: int = 240) -> str:
+    """Lines over a numeric x axis (loss curves: step -> value); `log_y` plots log10 of y, labelled in y."""
+    def ty(v: float) -> float:
+        return math.log10(v) if log_y else v
+
+    points = {name: [(float(x), ty(float(y))) for x, y in pts if math.isfinite(y) and (y > 0 or not log_y)]
+              for name, pts in series.items()}
+    xs = [x for pts in points.values() for x, _ in pts] or [0.0, 1.0]
+    ys = [y for pts in points.values() for _, y in pts] or [0.0, 1.0]
+    low, high = min(ys), max(ys)
+    pad = (high - low) * 0.05 or 1.0
+    frame = _Frame(width, height, (min(xs), max(xs)), (low - pad, high + pad))
+    x_ticks = [(t, _fmt(t)) for t in nice_ticks(min(xs), max(xs), 5) if min(xs) <= t <= max(xs)]
+    if log_y:
+        ticks = [t for t in range(math.floor(low - pad), math.ceil(high + pad) + 1)]
+        parts = frame.axes(title, x_label, y_label, x_ticks, [])
+        left, _, right, _ = frame.box
+        for t in ticks:
+            py = frame.y(t)
+            if frame.box[1] - 1 <= py <= frame.box[3] + 1:
+                parts.append(f'<line x1="{left}" y1="{py:.1f}" x2="{right}" y2="{py:.1f}" stroke="#eee"/>'
+                             f'<text x="{left - 4}" y="{py + 4:.1f}" text-anchor="end">{_fmt(10.0 ** t)}</text>')
+    else:
+        parts = frame.axes(title, x_label, y_label, x_ticks, nice_ticks(low - pad, high + pad, 5))
+    for n, (name, pts) in enumerate(points.items()):
+        color = PALETTE[n % len(PALETTE)]
+        if len(pts) > 1:
+            path = " ".join(f"{frame.x(x):.1f},{frame.y(y):.1f}" for x, y in pts)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        legend_y = frame.box[1] + 12 + 14 * n
+        parts.append(f'<rect x="{frame.box[2] - 150}" y="{legend_y - 8}" width="10" height="10" fill="{color}"/>'
+                     f'<text x="{frame.box[2] - 136}" y="{legend_y + 1}">{escape(name)}</text>')
+    return frame.svg(parts, title)

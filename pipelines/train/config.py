@@ -51,6 +51,11 @@ class TrainConfig:
     max_failures: int = 3  # worker-group restarts (from the latest checkpoint) before the run fails
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: stream order)
     read_cpus: float = 1.0  # CPUs of each Ray Data read/decode task feeding the workers
+    # Augmentation (training only; tokenize never augments): each image becomes a random square crop
+    # whose area is this share range of its centre square, resized to the branch's input; 1.0, 1.0: none.
+    crop_scale_min: float = 0.5  # smallest crop area share (BLIP-2/SEED's RandomResizedCrop: 0.5)
+    crop_scale_max: float = 1.0  # largest crop area share
+    hflip: bool = True  # mirror half of the images left-right
     # A rerun whose config differs from its run's (keys outside RESUME_MAY_CHANGE, the input
     # bundle's weights): "error" stops before training, naming each difference; "new_run" starts a
     # fresh run named `<name>-<digest of the new config>` (which a later rerun resumes).
@@ -70,6 +75,9 @@ class TrainConfig:
             raise ValueError(f"{', '.join(bad)} must be >= 1")
         if self.max_failures < -1:
             raise ValueError("max_failures must be >= -1 (-1: retry forever)")
+        if not 0.0 < self.crop_scale_min <= self.crop_scale_max <= 1.0:
+            raise ValueError(f"crop scales must satisfy 0 < crop_scale_min <= crop_scale_max <= 1, got "
+                             f"{self.crop_scale_min}, {self.crop_scale_max}")
 
 
 # Keys a rerun may change and still resume its run: none changes the schedule or the tensors.
@@ -99,6 +107,35 @@ class GuideTrainConfig(TrainConfig):
     # Every this many steps, codes no image chose since the last restart move onto encoder outputs
     # (VQ-VAE's usual fix against codebook collapse; 0: off).
     dead_code_every: int = 100
+
+
+@dataclass(frozen=True)
+class VaeTrainConfig(TrainConfig):
+    """Branch III's AutoencoderKL from scratch (SD 1.x's VAE recipe without its LPIPS and GAN terms:
+    Adam betas 0.5, 0.9, no weight decay). Its export sets the VAE's scaling_factor to 1 / the
+    latents' running std, so the unet stage sees unit-variance latents."""
+
+    STAGE: ClassVar[str] = "vae"
+    batch_size: int = 16
+    lr: float = 1e-4
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    beta1: float = 0.5
+    beta2: float = 0.9
+    kl_weight: float = 1e-6  # KL per latent element against the per-pixel L1 (SD 1.x's ratio is ~2e-8)
+
+
+@dataclass(frozen=True)
+class UnetTrainConfig(TrainConfig):
+    """Branch III's UNet from scratch on the frozen VAE's latents, conditioned on the frozen text
+    encoder's caption features (SD 1.x's epsilon objective on the bundle's noise schedule)."""
+
+    STAGE: ClassVar[str] = "unet"
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    caption_dropout: float = 0.1  # share of captions replaced by "" so that classifier-free guidance works
 
 
 @dataclass(frozen=True)
@@ -132,8 +169,10 @@ class ReverseTrainConfig(TrainConfig):
     batch_size: int = 256
 
 
+# In the order a from-scratch bundle trains them (dualtok_core.training_stages.STAGES).
 STAGE_CONFIGS: dict[str, type[TrainConfig]] = {
-    cls.STAGE: cls for cls in (GuideTrainConfig, QFormerTrainConfig, CodebookTrainConfig, ReverseTrainConfig)
+    cls.STAGE: cls for cls in (GuideTrainConfig, VaeTrainConfig, UnetTrainConfig, QFormerTrainConfig,
+                               CodebookTrainConfig, ReverseTrainConfig)
 }
 
 

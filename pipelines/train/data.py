@@ -93,3 +93,27 @@ def load_text_tokenizer(uri: str, vocab_size: int, storage_options: dict[str, An
     if tokenizer.pad_token_id is None:
         raise BundleError(f"text tokenizer {uri} has no pad token; batches of captions need one")
     return tokenizer
+
+
+def train_text_tokenizer(captions: list[str], folder: str, vocab_size: int, max_length: int = 32) -> str:
+    """A BERT-style WordPiece tokenizer (lower-cased, [CLS] ... [SEP]) trained offline on `captions`,
+    saved in transformers' format to the local `folder`: the Q-Former's text tokenizer for a bundle
+    trained from scratch, whose vocabulary (at most `vocab_size`) is what the captions use."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not captions:
+        raise DualtokError("no captions to train a text tokenizer on: the qformer stage needs captioned samples")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.train_from_iterator(captions, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tokenizer.post_processor = processors.BertProcessing(
+        ("[SEP]", tokenizer.token_to_id("[SEP]")), ("[CLS]", tokenizer.token_to_id("[CLS]"))
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_max_length=max_length)
+    fast.save_pretrained(folder)
+    return folder

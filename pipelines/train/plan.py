@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +60,7 @@ class TrainPlan:
         self.layout.folder().write_json(record, RUN_FILE)
 
 
-def _absolute(uri: str) -> str:
+def absolute(uri: str) -> str:
     """A local path as an absolute one: Ray's workers run in another folder than the driver, and a
     relative `storage_path=runs` or `bundle=bundles/guide` there names another place."""
     return uri if "://" in uri else os.path.abspath(uri)
@@ -68,7 +69,7 @@ def _absolute(uri: str) -> str:
 def plan_training(config: TrainConfig) -> TrainPlan:
     stage = stage_class(config.STAGE)
     options = config.storage.storage_options()
-    spec = config.bundle if config.bundle in preset_names() else _absolute(config.bundle)
+    spec = config.bundle if config.bundle in preset_names() else absolute(config.bundle)
     source = BundleSource(spec, seed=config.seed, storage_options=options)
     parts = available_parts(source)
     needed = stage.parts()
@@ -78,12 +79,12 @@ def plan_training(config: TrainConfig) -> TrainPlan:
     info = _input_info(source, parts)
     source = dataclasses.replace(source, expected_hashes={p: info.part_hashes[p] for p in needed
                                                            if p in info.part_hashes})
-    part_config = _part_config(source, stage.part)
+    branch_config = part_config(source, stage.part, stage.config_path)
     identity = run_identity(config, info.fingerprint, source.expected_hashes)
     name = config.name or default_run_name(config.STAGE, config.output)
-    requested = RunLayout(_absolute(config.storage_path), name, options)
+    requested = RunLayout(absolute(config.storage_path), name, options)
     layout = resolve_run(config, requested, identity)
-    text_tokenizer = _text_tokenizer(config, source, part_config)
+    text_tokenizer = _text_tokenizer(config, source, branch_config)
     _check_movq(getattr(config, "init_from_movq", None), options)
     provenance = (f"trained: stage {config.STAGE}, run {layout.name}, steps {config.steps}, "
                   f"from {info.fingerprint}")
@@ -94,8 +95,9 @@ def plan_training(config: TrainConfig) -> TrainPlan:
         export=ExportRequest(stage=config.STAGE, source=source, output=config.output, provenance=provenance,
                              init_from_movq=getattr(config, "init_from_movq", None), text_tokenizer=text_tokenizer,
                              storage_options=options),
-        data=TrainingDataConfig(image_size=int(part_config["image_size"]), require_captions=stage.needs_captions,
-                                read_cpus=config.read_cpus, storage_options=options),
+        data=TrainingDataConfig(image_size=decode_size(stage.input_size(branch_config), config.crop_scale_min),
+                                require_captions=stage.needs_captions, read_cpus=config.read_cpus,
+                                storage_options=options),
         input_fingerprint=info.fingerprint, resources_per_worker=resources, identity=identity,
         replaces=requested.name if layout.name != requested.name else None,
     )
@@ -160,6 +162,8 @@ def _worker_plan(
         label_smoothing=getattr(config, "label_smoothing", SEED_LABEL_SMOOTHING),
         init_from_movq=getattr(config, "init_from_movq", None),
         dead_code_every=getattr(config, "dead_code_every", 0), shuffle_buffer=config.shuffle_buffer,
+        kl_weight=getattr(config, "kl_weight", 1e-6), caption_dropout=getattr(config, "caption_dropout", 0.1),
+        crop_scale=(config.crop_scale_min, config.crop_scale_max), hflip=config.hflip,
         # Ray sets OMP_NUM_THREADS from the worker's CPUs; torch follows the same count explicitly.
         torch_threads=max(1, int((resources or {}).get("CPU", 1))),
     )
@@ -183,12 +187,22 @@ def _input_info(source: BundleSource, parts: tuple[str, ...]) -> BundleInfo:
     return info
 
 
-def _part_config(source: BundleSource, part: str) -> dict[str, Any]:
-    """The trained branch's constructor config (image size, vocab size), without loading weights."""
+def part_config(source: BundleSource, part: str, sub: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The trained branch's constructor config (image size, vocab size), without loading weights;
+    `sub` names a component inside the part (the diffusion part's `vae`)."""
     if source.is_preset:
-        return get_preset(source.spec).kwargs(part)
-    fs, path = filesystem(join(source.spec, part, "config.json"), source.storage_options or None)
+        config = get_preset(source.spec).kwargs(part)
+        for key in sub:
+            config = config[key]
+        return config
+    fs, path = filesystem(join(source.spec, part, *sub, "config.json"), source.storage_options or None)
     return json.loads(fs.cat_file(path))
+
+
+def decode_size(image_size: int, crop_scale_min: float) -> int:
+    """The side training decodes images to: large enough that the smallest random crop (area share
+    `crop_scale_min` of it) is still about `image_size` wide, at most twice `image_size`."""
+    return min(2 * image_size, math.ceil(image_size / math.sqrt(crop_scale_min)))
 
 
 def _text_tokenizer(config: TrainConfig, source: BundleSource, semantic_config: dict[str, Any]) -> str | None:
@@ -202,7 +216,7 @@ def _text_tokenizer(config: TrainConfig, source: BundleSource, semantic_config: 
             "so give text_tokenizer=<folder or URI> (a BERT-style tokenizer in transformers' format)"
         )
     load_text_tokenizer(uri, int(semantic_config["qformer_config"]["vocab_size"]), source.storage_options or None)
-    return uri
+    return absolute(uri)
 
 
 def _check_movq(uri: str | None, storage_options: dict[str, Any]) -> None:
