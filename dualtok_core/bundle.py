@@ -34,9 +34,11 @@ logger = logging.getLogger(__name__)
 BUNDLE_SCHEMA_VERSION = 1
 # Safetensors only: a pickle part is refused before loading (`require_safetensors`), and the
 # loaders themselves are told never to fall back to one.
+# low_cpu_mem_usage=False: diffusers' default wants `accelerate` and logs a paragraph per load without it.
 _LOADERS = {
-    "guide": functools.partial(guide.GuideVQModel.from_pretrained, use_safetensors=True),
-    "semantic": functools.partial(semantic.SemanticTokenizer.from_pretrained, use_safetensors=True),
+    "guide": functools.partial(guide.GuideVQModel.from_pretrained, use_safetensors=True, low_cpu_mem_usage=False),
+    "semantic": functools.partial(semantic.SemanticTokenizer.from_pretrained, use_safetensors=True,
+                                  low_cpu_mem_usage=False),
     "diffusion": diffusion.DiffusionReconstructor.from_pretrained,  # its three loads pass use_safetensors
 }
 

@@ -312,8 +312,10 @@ class DiffusionReconstructor(nn.Module):
                 )
         for part in ("vae", "unet", "text_encoder"):
             require_safetensors(root / part, "diffusion weights")
-        vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True)
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
+        # low_cpu_mem_usage=False: diffusers' default wants `accelerate` and logs a paragraph per
+        # load (per actor, per audit slice) without it; the parts are small enough to load plainly.
+        vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True, low_cpu_mem_usage=False)
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True, low_cpu_mem_usage=False)
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
         scheduler_config = DDIMScheduler.load_config(root / "scheduler")
