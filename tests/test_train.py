@@ -512,7 +512,7 @@ def test_recipe_chains_stages_through_exported_bundles_audits_held_out_shards_an
     assert vae.config.scaling_factor != init.part("diffusion").vae.config.scaling_factor  # 1 / the latents' std
     assert (tmp_path / "r" / "text_tokenizer" / "tokenizer.json").is_file()
     assert (tmp_path / "r" / "bundles" / "reverse" / TEXT_TOKENIZER_DIR / "tokenizer.json").is_file()
-    assert previous.tokenize(photos[0][1]).guide.shape == (1, 16)
+    assert previous.tokenize(photos[0][1][None]).guide.shape == (1, 16)
 
     held = record["heldout"]
     assert held["images"] == 4 and held["audited"] == 2 and held["errors"] == 0
@@ -591,8 +591,10 @@ def test_killed_workers_resume_from_checkpoints_and_a_rerun_continues_the_step_c
     import ray.train
 
     steps, every = 12, 3
-    overrides = [*two_worker_overrides(str(local_shards), "tiny", str(tmp_path / "out"), str(tmp_path / "runs"),
-                                       steps, every), "max_failures=1", "name=killed"]
+    # One worker per group start (each start imports torch): two DDP ranks run in the guide-on-S3 test.
+    overrides = overriding(two_worker_overrides(str(local_shards), "tiny", str(tmp_path / "out"),
+                                                str(tmp_path / "runs"), steps, every),
+                           "max_failures=1", "name=killed", "num_workers=1")
     config = load_config(STAGE_CONFIGS["codebook"], None, overrides)
     # First kill: Ray Train restarts the workers from the latest checkpoint (max_failures=1).
     # Second kill: the run fails; rerunning the same command resumes from its latest checkpoint.
