@@ -120,7 +120,7 @@ def _originals(table, shards: Path, iter_samples) -> dict[str, "np.ndarray"]:
 
     wanted, found = set(table["key"].to_pylist()), {}
     for shard in sorted(set(table["shard"].to_pylist())):
-        for sample in iter_samples(str(shards / shard)):
+        for sample in iter_samples(str(shards / f"{shard}.tar")):
             if sample.key in wanted and sample.image_bytes() is not None:
                 found[sample.key] = np.asarray(Image.open(io.BytesIO(sample.image_bytes()[1])).convert("RGB"))
     return found

@@ -161,6 +161,7 @@ def run_recipe(plan: RecipePlan) -> dict[str, Any]:
     from dualtok.pipelines.train.run import train
 
     config = plan.config
+    before = OutputFolder(config.output, config.storage.storage_options()).read_json(RECIPE_FILE) or {}
     record: dict[str, Any] = {"config": to_dict(config), "stages": {}, "guides": {}, "heldout": None}
     init_ray(config.ray, min_cpus=max(training_cpus(c) for c in [*plan.stages, *(g for _, g in plan.guides)]))
     started = time.monotonic()
@@ -168,11 +169,12 @@ def run_recipe(plan: RecipePlan) -> dict[str, Any]:
         _initial_bundle(config, plan.stages[0].bundle)
     for stage_config in plan.stages:
         stage_config = _with_text_tokenizer(plan, stage_config)
-        record["stages"][stage_config.STAGE] = _step(stage_config, train(stage_config))
+        earlier = before.get("stages", {}).get(stage_config.STAGE)
+        record["stages"][stage_config.STAGE] = _step(stage_config, train(stage_config), earlier)
         _write_record(config, record)
     for px, guide_config in plan.guides:
         _initial_guide_bundle(config, px, guide_config.bundle)
-        record["guides"][f"{px}px"] = _step(guide_config, train(guide_config))
+        record["guides"][f"{px}px"] = _step(guide_config, train(guide_config), before.get("guides", {}).get(f"{px}px"))
         _write_record(config, record)
     if plan.tokenize is not None:
         record["heldout"] = _heldout(plan)
@@ -218,8 +220,10 @@ def _git_commit() -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
-def _step(config: TrainConfig, summary: Any) -> dict[str, Any]:
-    """What one stage did, from its summary and its merged metrics (worker CPU seconds, loss curve)."""
+def _step(config: TrainConfig, summary: Any, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What one stage did, from its summary and its merged metrics (worker CPU seconds, loss curve).
+    `wall_seconds` is the wall time of the invocation that trained it: a rerun that finds the stage
+    finished carries it over from the `earlier` record (None when no record knows it)."""
     from dualtok.pipelines.train.state import RunLayout
 
     layout = RunLayout(config.storage_path, summary.run, config.storage.storage_options())
@@ -229,7 +233,8 @@ def _step(config: TrainConfig, summary: Any) -> dict[str, Any]:
     return {
         "run": summary.run_dir, "bundle": summary.output, "steps": summary.steps,
         "already_finished": summary.already_finished, "first_loss": summary.first_loss,
-        "last_loss": summary.last_loss, "seconds_this_run": round(summary.seconds, 1),
+        "last_loss": summary.last_loss,
+        "wall_seconds": (earlier or {}).get("wall_seconds") if summary.already_finished else round(summary.seconds, 1),
         "step_seconds_total": round(sum(step_seconds), 1),
         "worker_cpu_seconds": round(sum(c for c in cpu if c is not None), 1) if any(c is not None for c in cpu) else None,
     }
@@ -338,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_recipe(config)
     record = run_recipe(plan)
     for name, step in [*record["stages"].items(), *(("guide " + k, v) for k, v in record["guides"].items())]:
-        done = "already finished" if step["already_finished"] else f"{step['seconds_this_run']:.0f} s"
+        done = "already finished" if step["already_finished"] else f"{step['wall_seconds']:.0f} s"
         loss = f"loss {step['first_loss']:.4g} -> {step['last_loss']:.4g}" if step["last_loss"] is not None else ""
         print(f"{name:<14} {step['steps']:>6} steps  {done:<18} {loss}")
     print(f"bundle: {record['bundle']}")
