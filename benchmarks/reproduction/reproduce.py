@@ -2,7 +2,7 @@
 
     python benchmarks/reproduction/reproduce.py            # ~50 min on 2 CPU cores
     python benchmarks/reproduction/reproduce.py --quick    # the same path at 2 steps per stage (~5 min):
-                                                           # a smoke test of the recipe, figures meaningless
+                                                           # a smoke test, its page in dualtok-repro/quick/docs/
 
 1. writes WebDataset shards of photos/train (001-039) and photos/heldout (040-049) with `dualtok shards`;
 2. runs `dualtok recipe -c recipe.yaml`: every stage from scratch, three extra guide sizes, then the
@@ -295,7 +295,9 @@ def main() -> int:
     run = WORK / ("quick" if args.quick else "run")
     record = json.loads((run / "recipe.json").read_text())
     summary = json.loads((run / "heldout" / "audit" / "summary.json").read_text())
-    target = DOCS / "reproduction"
+    # The smoke run writes beside its own outputs: docs/ keeps the measured page.
+    docs = run / "docs" if args.quick else DOCS
+    target = docs / "reproduction"
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -305,7 +307,7 @@ def main() -> int:
     shutil.copytree(run / "heldout" / "audit", target / "audit",
                     ignore=shutil.ignore_patterns("*.parquet", "_*", "slices", "runs"))
     page = write_page(record, summary, evidence, curves, ablation, time.monotonic() - started, args.quick)
-    (DOCS / "reproduction.md").write_text(page)
+    (docs / "reproduction.md").write_text(page)
     (target / "evidence.json").write_text(json.dumps({"evidence": evidence, "record": record}, indent=2, default=str))
     print(page)
     return 0
