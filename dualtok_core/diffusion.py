@@ -413,9 +413,12 @@ class DiffusionReconstructor(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [0, 1] -> scaled latent mean (B, 4, S/f, S/f); the mean keeps it deterministic."""
         x = images.to(self.vae.device, self.vae.dtype) * 2.0 - 1.0  # (B, 3, S, S) in [-1, 1]
-        mean = self.vae.encode(x).latent_dist.mean  # (B, 4, S/f, S/f)
+        return self.scale_latents(self.vae.encode(x).latent_dist.mean)  # (B, 4, S/f, S/f)
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents -> the scale the UNet works at (SD's shift and scaling_factor); `decode` inverts it."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (mean - shift) * self.vae.config.scaling_factor
+        return (latents - shift) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -380,9 +380,7 @@ class UnetStage(_DiffusionStage):
         vae, scheduler = self.model.vae, self.model.scheduler
         with torch.no_grad():
             x = (images * 2.0 - 1.0).to(vae.dtype)
-            latents = vae.encode(x).latent_dist.sample()  # (B, 4, h, w)
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            latents = (latents - shift) * vae.config.scaling_factor
+            latents = self.model.scale_latents(vae.encode(x).latent_dist.sample())  # (B, 4, h, w)
         noise = torch.randn_like(latents)
         steps = int(scheduler.config.num_train_timesteps)
         t = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
