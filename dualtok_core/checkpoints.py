@@ -93,6 +93,12 @@ class LoadReport:
     mismatched: dict[str, tuple[Shape, Shape]] = field(default_factory=dict)
     unused: list[str] = field(default_factory=list)  # checkpoint tensors (or prefixes) nothing took
     part: str = ""  # the bundle part, when the report is about one
+    kind: str = ""  # the checkpoint's kind ("SEED"); default: the part's usual one (CHECKPOINT_KINDS)
+    notes: list[str] = field(default_factory=list)  # what the load means for the part's use, in words
+
+    @property
+    def checkpoint_kind(self) -> str:
+        return self.kind or CHECKPOINT_KINDS.get(self.part, "checkpoint")
 
     @property
     def left_random(self) -> list[str]:
@@ -126,7 +132,7 @@ class LoadReport:
         """One line: what was loaded from where, what stayed random (the first few modules)."""
         if self.source is None:
             return f"{RANDOM_INIT}: all {len(self.left_random)} tensors"
-        text = f"{CHECKPOINT_KINDS.get(self.part, 'checkpoint')} {self.source}: {len(self.loaded)} tensors loaded"
+        text = f"{self.checkpoint_kind} {self.source}: {len(self.loaded)} tensors loaded"
         if self.left_random:
             modules = self.random_modules
             shown = ", ".join(modules[:max_modules])
@@ -137,14 +143,14 @@ class LoadReport:
         if self.unused:
             more = f", +{len(self.unused) - 3} more" if len(self.unused) > 3 else ""
             text += f"; unused from the checkpoint: {', '.join(self.unused[:3])}{more}"
-        return text
+        return "; ".join([text, *self.notes])
 
     def provenance(self, preset: str, seed: int) -> str:
         """The `bundle.json` source: starts with RANDOM_INIT whenever any tensor is random."""
         random = f"{RANDOM_INIT} (preset {preset}, seed {seed})"
         if self.source is None:
             return random
-        kind = CHECKPOINT_KINDS.get(self.part, "checkpoint")
+        kind = self.checkpoint_kind
         if not self.left_random:
             return f"{kind} {self.source} (all {len(self.loaded)} tensors)"
         return (

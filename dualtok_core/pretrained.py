@@ -4,6 +4,9 @@
   every tensor whose shape fits is copied, the deeper encoder's extra blocks stay random.
 - semantic: a BLIP-2 folder (transformers format) -> `SemanticTokenizer.from_blip2`; the ViT and
   Q-Former are copied, SEED's codebook, embedding decoder and Reverse Q-Former stay random.
+- semantic, instead: a SEED tokenizer release (`seed_quantizer.pt`, LAVIS layout) ->
+  `SemanticTokenizer.from_seed`; ViT, causal Q-Former, codebook, embedding decoder and the unCLIP
+  image head are copied, so its ids are SEED's; the 77-token Reverse Q-Former stays random.
 - diffusion: a Stable Diffusion 1.x folder (diffusers format), loaded whole.
 
 A part without a checkpoint is random-initialised from the preset exactly as `from_preset` builds
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 
 from dualtok_core.bundle import BundleInfo, DualTokenizer
-from dualtok_core.checkpoints import LoadReport, tensor_names
+from dualtok_core.checkpoints import LoadReport, random_prefixes, tensor_names
 from dualtok_core.diffusion import DiffusionReconstructor
 from dualtok_core.errors import BundleError
 from dualtok_core.guide import GuideVQModel
@@ -45,6 +48,15 @@ MOVQ_KEYS = frozenset({
 })
 # SemanticTokenizer settings a BLIP-2 checkpoint fixes (`from_blip2` refuses overrides of them).
 BLIP2_KEYS = frozenset({"image_size", "vision_config", "qformer_config", "num_queries", "image_text_dim"})
+# ... and those a SEED checkpoint fixes (`from_seed`).
+SEED_KEYS = frozenset({
+    "image_size", "vision_config", "vision_post_norm_eps", "qformer_config", "num_queries", "causal_queries",
+    "codebook_size", "codebook_dim", "decoder_layers", "decoder_heads", "image_head", "image_embed_dim",
+    "image_qformer_config",
+})
+# The semantic tensors an image's ids depend on (the Q-Former's text FFNs excepted, see `_tokenizing`).
+TOKENIZING = ("vision_model.", "query_tokens", "qformer.", "quantizer.project_in.", "quantizer.codebook.")
+CONTRASTIVE = ("vision_proj.weight", "text_proj.weight")
 # The weight files of the three SD parts dualtok keeps (safetensors only: pickles are never read).
 _SD_WEIGHTS = {"vae": "diffusion_pytorch_model", "unet": "diffusion_pytorch_model", "text_encoder": "model"}
 
@@ -90,7 +102,45 @@ def load_semantic(path: str | Path, preset: Preset, origin: str, seed: int) -> t
     with _seeded(seed, "semantic"):
         model, blip = SemanticTokenizer.from_blip2(path, **settings)
     report = _report("semantic", origin, list(model.state_dict()), blip.loaded, unused=list(blip.unused))
+    report.notes = semantic_notes(report)
     return model.eval(), report
+
+
+def load_seed(path: str | Path, preset: Preset, origin: str, seed: int) -> tuple[SemanticTokenizer, LoadReport]:
+    """A SEED release's ViT, causal Q-Former, codebook, decoders and unCLIP head; the preset gives what
+    the release lacks (the 77-token Reverse Q-Former's shapes, the contrastive width)."""
+    settings = {key: value for key, value in preset.kwargs("semantic").items() if key not in SEED_KEYS}
+    with _seeded(seed, "semantic"):
+        model, loaded = SemanticTokenizer.from_seed(path, **settings)
+    report = _report("semantic", origin, list(model.state_dict()), loaded.loaded, unused=list(loaded.unused),
+                     kind="SEED")
+    report.notes = semantic_notes(report)
+    return model.eval(), report
+
+
+def _tokenizing(name: str) -> bool:
+    text_ffn = name.startswith("qformer.") and (".intermediate." in name or ".output." in name)
+    return name.startswith(TOKENIZING) and not text_ffn
+
+
+def semantic_notes(report: LoadReport) -> list[str]:
+    """What a semantic load means for its ids and for the `qformer` stage, in words."""
+    random = set(report.left_random)
+    tokenizing = [name for name in report.names if _tokenizing(name)]
+    untrained = sorted(set(tokenizing) & random)
+    notes = []
+    if untrained:
+        notes.append("its semantic ids mean nothing until trained: random "
+                     + ", ".join(random_prefixes(tokenizing, set(untrained))))
+    else:
+        notes.append("every tensor that makes its semantic ids came from the checkpoint")
+    if any(name in random for name in CONTRASTIVE):
+        notes.append(
+            "WARNING: the contrastive projections (vision_proj, text_proj) stay random: a stage-2 BLIP-2 such as "
+            "blip2-opt-2.7b lacks them; start the qformer stage from the stage-1 retrieval checkpoint "
+            "(Salesforce/blip2-itm-vit-g), as SEED does"
+        )
+    return notes
 
 
 def load_diffusion(path: str | Path, origin: str) -> tuple[DiffusionReconstructor, LoadReport]:
@@ -154,6 +204,7 @@ def assemble_bundle(
     blip2: str | Path | None,
     movq: str | Path | None,
     stable_diffusion: str | Path | None,
+    seed_tokenizer: str | Path | None = None,
     seed: int = 0,
     guide_overrides: dict[str, Any] | None = None,
     origins: dict[str, str] | None = None,
@@ -165,9 +216,12 @@ def assemble_bundle(
     `bundle.json` when the folders are local copies (part -> URI); the default is the folder path.
     """
     spec = get_preset(preset)
+    if blip2 is not None and seed_tokenizer is not None:
+        raise BundleError("give one semantic checkpoint: a BLIP-2 folder or a SEED tokenizer, not both")
     overrides = _check_guide_overrides(guide_overrides)
     check_checkpoint_widths(spec, blip2, stable_diffusion)
-    folders = {"guide": movq, "semantic": blip2, "diffusion": stable_diffusion}
+    folders = {"guide": movq, "semantic": blip2 if seed_tokenizer is None else seed_tokenizer,
+               "diffusion": stable_diffusion}
     names = {part: str((origins or {}).get(part, folder)) for part, folder in folders.items()}
 
     random_parts = tuple(part for part in PARTS if folders[part] is None)
@@ -180,6 +234,8 @@ def assemble_bundle(
         parts["guide"], reports["guide"] = load_guide(movq, spec, overrides, names["guide"], seed)
     if blip2 is not None:
         parts["semantic"], reports["semantic"] = load_semantic(blip2, spec, names["semantic"], seed)
+    if seed_tokenizer is not None:
+        parts["semantic"], reports["semantic"] = load_seed(seed_tokenizer, spec, names["semantic"], seed)
     if stable_diffusion is not None:
         parts["diffusion"], reports["diffusion"] = load_diffusion(stable_diffusion, names["diffusion"])
     check_compatible(parts)

@@ -47,6 +47,7 @@ from dualtok_core.qformer import (
     run_text,
     vision_config_from,
 )
+from dualtok_core.seed import SeedImageHead, read_seed_checkpoint, seed_settings, seed_tensors, seed_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +247,10 @@ class SemanticTokenizer(ModelMixin, ConfigMixin):
         num_generation_tokens: int = 77,
         gen_dim: int = 768,
         attn_implementation: str = "sdpa",
+        vision_post_norm_eps: float | None = None,
+        image_head: str | None = None,
+        image_embed_dim: int = 1024,
+        image_qformer_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         vision_config = dict(PAPER_VISION if vision_config is None else vision_config)
@@ -263,6 +268,8 @@ class SemanticTokenizer(ModelMixin, ConfigMixin):
         rcfg = qformer_config_from(reverse_qformer_config, width, False, attn_implementation)
 
         self.vision_model = Blip2VisionModel(vcfg)
+        if vision_post_norm_eps is not None:  # LAVIS's ln_vision (SEED) is 1e-5; transformers uses the ViT's eps
+            self.vision_model.post_layernorm.eps = float(vision_post_norm_eps)
         self.query_tokens = nn.Parameter(torch.randn(1, num_queries, width) * qcfg.initializer_range)
         self.qformer = Blip2QFormerModel(qcfg)
         self.text_embeddings = Blip2TextEmbeddings(qcfg)
@@ -280,6 +287,15 @@ class SemanticTokenizer(ModelMixin, ConfigMixin):
         )
         self.reverse_qformer = Blip2QFormerModel(rcfg)
         self.generation_proj = nn.Linear(rcfg.hidden_size, gen_dim)
+
+        # SEED's released decoding path: codes -> one CLIP image embedding for an unCLIP UNet.
+        if image_head is not None:
+            image_qformer = None
+            if image_head == "qformer":
+                icfg = qformer_config_from(dict(image_qformer_config or PAPER_REVERSE), width, False, attn_implementation)
+                image_qformer = Blip2QFormerModel(icfg)
+            decoder = EmbeddingDecoder(width, num_queries, decoder_layers, decoder_heads)
+            self.image_embedding_head = SeedImageHead(image_head, decoder, width, num_queries, image_embed_dim, image_qformer)
 
     # ---- images -> causal embeddings -> ids ---------------------------------------------------
     def _pixel_values(self, images: torch.Tensor) -> torch.Tensor:
@@ -347,6 +363,15 @@ class SemanticTokenizer(ModelMixin, ConfigMixin):
         queries = self.generation_queries.expand(decoded.shape[0], -1, -1)  # (B, 77, Dr)
         states = run_queries(self.reverse_qformer, queries, decoded, causal=False)  # (B, 77, Dr)
         return self.generation_proj(states)  # (B, 77, gen_dim)
+
+    def image_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """Semantic ids (B, Q) -> image embeddings (B, image_embed_dim), SEED's unCLIP condition."""
+        if self.config.image_head is None:
+            raise DualtokError(
+                "this semantic tokenizer has no image-embedding head (SEED's unCLIP path); its ids decode "
+                "through generation_embeddings into a text-conditioned UNet"
+            )
+        return self.image_embedding_head(self.quantizer.lookup(self._check_ids(ids)))  # (B, image_embed_dim)
 
     # ---- training losses ------------------------------------------------------------------------
     def image_text_features(
@@ -452,4 +477,29 @@ class SemanticTokenizer(ModelMixin, ConfigMixin):
         tensors, unused = read_blip2_checkpoint(root)
         report = copy_checkpoint(model, tensors, str(root))
         report.unused = unused
+        return model, report
+
+    @classmethod
+    def from_seed(
+        cls, path: str | os.PathLike, heads: dict[str, int] | None = None, **overrides: Any
+    ) -> tuple[SemanticTokenizer, LoadReport]:
+        """Build from a SEED tokenizer release in LAVIS layout (`seed_quantizer.pt`, read with
+        weights_only=True, or its safetensors conversion; a file or the folder holding it): ViT, causal
+        Q-Former, codebook, embedding decoder and the unCLIP image head are copied; the report lists
+        what the release lacks (the Q-Former's text path, the contrastive projections, the 77-token
+        Reverse Q-Former), which stays random."""
+        file = seed_weights_file(Path(path))
+        try:
+            tensors = read_seed_checkpoint(file)
+            derived = seed_settings(tensors, heads)
+            clash = sorted(set(derived) & set(overrides))
+            if clash:
+                raise BundleError(f"{clash} come from the checkpoint's shapes and cannot be overridden")
+            model = cls(**derived, **overrides)
+            ours, unused = seed_tensors(tensors)
+            report = copy_checkpoint(model, ours, str(path))
+        except BundleError as exc:
+            raise BundleError(f"SEED tokenizer checkpoint {file}: {str(exc).removeprefix(f'{path}: ')}") from exc
+        report.unused = unused
+        report.kind = "SEED"
         return model, report

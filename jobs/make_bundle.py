@@ -1,11 +1,13 @@
-"""`dualtok bundle`: assemble a bundle from released BLIP-2 / MoVQ / SD 1.x weights, or a preset.
+"""`dualtok bundle`: assemble a bundle from released BLIP-2 or SEED / MoVQ / SD 1.x weights, or a preset.
 
     dualtok bundle --preset paper --blip2 s3://models/blip2-itm-vit-g --movq s3://models/kandinsky-2-2-decoder \
         --stable-diffusion s3://models/stable-diffusion-v1-5 --output s3://models/dualtok-paper
+    dualtok bundle --preset paper --seed-tokenizer s3://models/seed-llama/seed_quantizer.pt ...
 
 A checkpoint may be a local folder or any fsspec URI; a remote one is first copied to a temporary
 folder, and only what the loaders read is copied (configs, tokenizer files, safetensors weights of the
-parts dualtok uses), never pickles, other frameworks' weights, fp16 variants or unused pipeline parts.
+parts dualtok uses, SEED's `seed_quantizer.pt`, which is read with weights_only=True), never other
+pickles, other frameworks' weights, fp16 variants or unused pipeline parts.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ CHECKPOINT_FOLDERS: dict[str, tuple[str, ...]] = {
     "blip2": ("",),
     "movq": ("", "movq"),  # a MoVQ folder, or a Kandinsky 2.2 decoder pipeline holding movq/
     "stable-diffusion": ("", "vae", "unet", "text_encoder", "tokenizer", "scheduler"),
+    "seed-tokenizer": ("",),
 }
+_SEED_FILES = frozenset({"seed_quantizer.pt", "seed_quantizer.safetensors", "model.safetensors"})
 _CONFIG_FILES = frozenset({
     "config.json", "model_index.json", "scheduler_config.json", "vocab.json", "merges.txt", "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -38,7 +42,11 @@ _WEIGHT_FILE = re.compile(r"(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safet
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", required=True, help="tiny, small or paper: the shapes no checkpoint fixes")
-    parser.add_argument("--blip2", metavar="URI", help="BLIP-2 folder in transformers format (ViT + Q-Former)")
+    parser.add_argument("--blip2", metavar="URI", help="BLIP-2 folder in transformers format (ViT + Q-Former); "
+                        "the stage-1 retrieval checkpoint (blip2-itm-vit-g) keeps the contrastive heads")
+    parser.add_argument("--seed-tokenizer", metavar="URI",
+                        help="SEED / SEED-LLaMA tokenizer: seed_quantizer.pt (read with weights_only=True) or its "
+                             "safetensors conversion, or the folder holding it; instead of --blip2")
     parser.add_argument("--movq", metavar="URI",
                         help="Kandinsky 2.2 MoVQ folder in diffusers format, or a decoder pipeline with movq/")
     parser.add_argument("--stable-diffusion", metavar="URI", help="Stable Diffusion 1.x folder in diffusers format")
@@ -58,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     fs, root = filesystem(join(args.output, "bundle.json"), options or None)
     if fs.exists(root) and not args.overwrite:
         raise BundleError(f"{args.output} already holds a bundle; pass --overwrite to replace it")
-    given = {"blip2": args.blip2, "movq": args.movq, "stable-diffusion": args.stable_diffusion}
+    given = {"blip2": args.blip2, "seed-tokenizer": args.seed_tokenizer, "movq": args.movq,
+             "stable-diffusion": args.stable_diffusion}
     overrides = {"guide_size": args.guide_size} if args.guide_size is not None else {}
     with tempfile.TemporaryDirectory(prefix="dualtok-checkpoints-") as tmp:
         local = {
@@ -67,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
         }
         tokenizer, reports = assemble_bundle(
             args.preset, blip2=local["blip2"], movq=local["movq"], stable_diffusion=local["stable-diffusion"],
-            seed=args.seed, guide_overrides=overrides,
-            origins={"semantic": args.blip2, "guide": args.movq, "diffusion": args.stable_diffusion},
+            seed_tokenizer=local["seed-tokenizer"], seed=args.seed, guide_overrides=overrides,
+            origins={"semantic": args.blip2 or args.seed_tokenizer, "guide": args.movq,
+                     "diffusion": args.stable_diffusion},
         )
         tokenizer.save_pretrained(args.output, storage_options=options or None)
     for part, report in reports.items():
@@ -88,6 +98,10 @@ def fetch_checkpoint(uri: str, kind: str, target: Path, storage_options: dict[st
         return Path(uri.removeprefix("file://"))
     fs, root = filesystem(uri, storage_options or None)
     root = root.rstrip("/")
+    if kind == "seed-tokenizer" and fs.isfile(root):  # a SEED release is one file
+        target.mkdir(parents=True, exist_ok=True)
+        fs.get_file(root, str(target / root.rpartition("/")[2]))
+        return target / root.rpartition("/")[2]
     wanted = [path for path in fs.find(root) if _wanted(path[len(root):].lstrip("/"), kind)]
     if not wanted:
         raise BundleError(f"{uri} holds no {kind} checkpoint files (config.json, *.safetensors)")
@@ -101,4 +115,6 @@ def fetch_checkpoint(uri: str, kind: str, target: Path, storage_options: dict[st
 
 def _wanted(relative: str, kind: str) -> bool:
     folder, _, name = relative.rpartition("/")
+    if kind == "seed-tokenizer":
+        return folder == "" and name in _SEED_FILES
     return folder in CHECKPOINT_FOLDERS[kind] and (name in _CONFIG_FILES or bool(_WEIGHT_FILE.fullmatch(name)))

@@ -1,0 +1,162 @@
+"""SEED's released tokenizers: a bundle assembled from them gives the reference implementation's ids.
+
+The checkpoints are tiny, random and written in the released key layout and dtypes
+(`tests/seed_reference.py`, which also holds SEED's forward pass written from their code).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from skimage import data
+from transformers import Blip2ForConditionalGeneration
+
+from dualtok_core.bundle import DualTokenizer
+from dualtok_core.errors import BundleError
+from dualtok_core.pretrained import assemble_bundle
+from dualtok_core.semantic import SemanticTokenizer
+from dualtok.jobs.cli import main as cli
+from tests.released_formats import save_blip2
+from tests.seed_reference import save_seed_checkpoint
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
+
+# What SEED's release lacks, so stays random: the Q-Former's text path, the contrastive heads and
+# the paper's 77-token Reverse Q-Former (SEED decodes through unCLIP instead).
+SEED_RANDOM = [
+    "generation_proj", "generation_queries", "qformer.encoder.layer.0.intermediate", "qformer.encoder.layer.0.output",
+    "qformer.encoder.layer.1.intermediate", "qformer.encoder.layer.1.output", "reverse_qformer", "temperature",
+    "text_embeddings", "text_proj", "vision_proj",
+]
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("seed")
+    return {head: (root / head / "seed_quantizer.pt", save_seed_checkpoint(root / head / "seed_quantizer.pt", head))
+            for head in ("mlp", "qformer")}
+
+
+@pytest.fixture(scope="module")
+def photos() -> np.ndarray:
+    """Real photos as SEED's processor sees them: the whole image resized to 224 x 224, bicubic."""
+    images = [data.astronaut(), data.coffee(), data.chelsea()]
+    return np.stack([np.asarray(Image.fromarray(im).resize((224, 224), Image.BICUBIC)) for im in images])
+
+
+@pytest.mark.parametrize("head", ["mlp", "qformer"])  # SEED-LLaMA's seed_quantizer.pt, SEED-1's
+def test_seed_release_gives_the_reference_ids_decoded_embeddings_and_unclip_embeddings(releases, photos, head):
+    path, reference = releases[head]
+    model, report = SemanticTokenizer.from_seed(path.parent)
+    model.eval()
+    images = torch.from_numpy(photos).permute(0, 3, 1, 2).float() / 255  # (3, 3, 224, 224)
+
+    ref_ids, ref_causal = reference.get_codebook_indices(images)
+    with torch.no_grad():
+        causal = model.causal_embeddings(images)
+        ids = model.encode(images)
+        decoded = model.decode_embeddings(ids)
+        unclip = model.image_embeddings(ids)
+    assert len(set(ref_ids.flatten().tolist())) >= 3 and not torch.equal(ref_ids[0], ref_ids[1])  # not degenerate
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(causal, ref_causal, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decoded, reference.reconstruct(ref_ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(unclip, reference.get_codebook_entry(ref_ids), atol=1e-4, rtol=1e-4)
+    assert unclip.shape == (3, 24) and model.config.image_head == head
+
+    assert report.random_modules == SEED_RANDOM
+    assert report.unused == sorted(k for k in reference.state_dict() if k.endswith("position_ids"))
+    assert "SEED" in report.summary()
+
+
+def test_bundle_from_seed_tokenizes_photos_like_the_reference_and_keeps_its_ids_after_save(
+    releases, photos, tmp_path, capsys
+):
+    path, reference = releases["mlp"]
+    tokenizer, reports = assemble_bundle("tiny", blip2=None, movq=None, stable_diffusion=None, seed_tokenizer=path)
+    assert "every tensor that makes its semantic ids came from the checkpoint" in reports["semantic"].summary()
+    assert tokenizer.info.sources["semantic"].endswith(f"from SEED {path}")
+    images = torch.from_numpy(photos).permute(0, 3, 1, 2).float() / 255
+    expected, _ = reference.get_codebook_indices(images)
+    np.testing.assert_array_equal(tokenizer.encode_semantic(photos), expected.numpy())
+
+    # The same release converted to safetensors (what a model store that refuses pickles holds).
+    state = torch.load(path, weights_only=True)
+    (tmp_path / "converted").mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "converted" / "seed_quantizer.safetensors")
+    converted, _ = SemanticTokenizer.from_seed(tmp_path / "converted")
+    np.testing.assert_array_equal(converted.eval().encode(images).numpy(), expected.numpy())
+
+    tokenizer.save_pretrained(tmp_path / "bundle")
+    again = DualTokenizer.from_pretrained(str(tmp_path / "bundle"))
+    np.testing.assert_array_equal(again.encode_semantic(photos), expected.numpy())
+    semantic = again.part("semantic")
+    assert semantic.config.vision_post_norm_eps == 1e-5 and semantic.vision_model.post_layernorm.eps == 1e-5
+
+    assert cli(["bundle", "--preset", "tiny", "--seed-tokenizer", str(path), "--output", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert "SEED" in out and "every tensor that makes its semantic ids came from the checkpoint" in out
+    np.testing.assert_array_equal(
+        DualTokenizer.from_pretrained(str(tmp_path / "cli")).encode_semantic(photos), expected.numpy()
+    )
+
+
+def _truncated(state, path):
+    torch.save(state, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _pickled_object(state, path):
+    torch.save({**state, "args": argparse.Namespace(lr=1e-4)}, path)
+
+
+def _missing(state, path):
+    torch.save({k: v for k, v in state.items() if k != "visual_encoder.cls_token"}, path)
+
+
+def _shape(state, path):
+    state = dict(state)
+    state["encode_task_layer.2.weight"] = torch.zeros(9, state["encode_task_layer.2.weight"].shape[1])
+    torch.save(state, path)
+
+
+def _layer_scale(state, path):
+    torch.save({**state, "visual_encoder.blocks.0.gamma_1": torch.ones(176)}, path)
+
+
+def _not_a_state_dict(state, path):
+    torch.save([1, 2, 3], path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncated, r"not a readable SEED checkpoint .*weights_only"),
+    (_pickled_object, r"not a readable SEED checkpoint .*convert such a file"),
+    (_missing, r"no visual_encoder\.cls_token"),
+    (_shape, r"quantizer\.project_in\.2\.weight is \(9, 48\) in the checkpoint, \(8, 48\)"),
+    (_layer_scale, r"visual_encoder\.blocks\.0\.gamma_1: a tensor .* cannot map"),
+    (_not_a_state_dict, r"holds a list, not a state dict"),
+])
+def test_a_damaged_seed_checkpoint_fails_naming_the_problem_and_writes_no_bundle(
+    releases, tmp_path, capsys, damage, message
+):
+    state = torch.load(releases["mlp"][0], weights_only=True)
+    bad = tmp_path / "seed_quantizer.pt"
+    damage(state, bad)
+    with pytest.raises(BundleError, match=message):
+        SemanticTokenizer.from_seed(bad)
+    assert cli(["bundle", "--preset", "tiny", "--seed-tokenizer", str(bad), "--output", str(tmp_path / "b")]) == 2
+    assert f"SEED tokenizer checkpoint {bad}: " in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_stage2_blip2_warns_that_the_contrastive_heads_stay_random(tmp_path, capsys):
+    save_blip2(Blip2ForConditionalGeneration, tmp_path / "opt", text_input=False)
+    assert cli(["bundle", "--preset", "tiny", "--blip2", str(tmp_path / "opt"), "--output", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: the contrastive projections (vision_proj, text_proj) stay random" in out
+    assert "blip2-itm-vit-g" in out and "its semantic ids mean nothing until trained: random quantizer" in out
