@@ -27,6 +27,7 @@ from dualtok_core import diffusion, guide, semantic
 from dualtok_core.checkpoints import RANDOM_INIT
 from dualtok_core.errors import BundleError, require_safetensors
 from dualtok_core.imaging import check_token_ids, check_uint8_images, is_pil_input, pil_batch, to_model_input, to_uint8
+from dualtok_core.preprocess import Preprocess
 from dualtok_core.presets import PARTS, build_parts, check_compatible, get_preset
 
 logger = logging.getLogger(__name__)
@@ -225,31 +226,42 @@ class DualTokenizer:
         return self
 
     # ---- tokenize / detokenize ----------------------------------------------------------
-    def _as_batch(self, images: Any) -> Any:
-        """PIL input becomes a uint8 batch at the largest input size of the loaded encoders."""
-        return pil_batch(images, _input_size_of(self.parts)) if is_pil_input(images) else images
+    def preprocess(self, part: str) -> Preprocess:
+        """How `part` cuts its square input from an image (its config's input_fit / input_interpolation)."""
+        config = self.part(part).config
+        return Preprocess(int(config.image_size), config.input_fit, config.input_interpolation)
+
+    def _as_batch(self, images: Any, part: str) -> Any:
+        """PIL input becomes a uint8 batch for `part`. A branch with the default preprocessing (centre
+        crop, bicubic) gets the shared crop at the largest input size of the loaded encoders, as the
+        tokenize pipeline's decode stage makes it; any other is cut from the image directly."""
+        if not is_pil_input(images):
+            return images
+        own = self.preprocess(part)
+        if (own.fit, own.interpolation) == ("center_crop", "bicubic"):
+            return pil_batch(images, Preprocess(_input_size_of(self.parts)))
+        return pil_batch(images, own)
+
+    def _model_input(self, images: Any, part: str) -> torch.Tensor:
+        own = self.preprocess(part)
+        return to_model_input(check_uint8_images(self._as_batch(images, part)), own.size, self.device, self.dtype,
+                              own.fit, own.interpolation)
 
     @torch.inference_mode()
     def encode_guide(self, images: Any) -> np.ndarray:
         """uint8 (B, H, W, 3), or PIL image(s) -> guide ids (B, h*w) uint16."""
-        images = self._as_batch(images)
-        model = self.part("guide")
-        x = to_model_input(check_uint8_images(images), model.config.image_size, self.device, self.dtype)
-        return model.encode(x).to("cpu").numpy().astype(np.uint16)
+        return self.part("guide").encode(self._model_input(images, "guide")).to("cpu").numpy().astype(np.uint16)
 
     @torch.inference_mode()
     def encode_semantic(self, images: Any) -> np.ndarray:
         """uint8 (B, H, W, 3), or PIL image(s) -> semantic ids (B, 32) uint16."""
-        images = self._as_batch(images)
-        model = self.part("semantic")
-        x = to_model_input(check_uint8_images(images), model.config.image_size, self.device, self.dtype)
-        return model.encode(x).to("cpu").numpy().astype(np.uint16)
+        return self.part("semantic").encode(self._model_input(images, "semantic")).to("cpu").numpy().astype(np.uint16)
 
     def tokenize(self, images: Any) -> Tokens:
         """uint8 (B, H, W, 3) array or tensor, a PIL image, or a list of PIL images of any sizes ->
-        both token streams (whichever parts are loaded)."""
-        images = self._as_batch(images)
-        check_uint8_images(images)
+        both token streams (whichever parts are loaded), each cut as its branch's `preprocess` says."""
+        if not is_pil_input(images):
+            check_uint8_images(images)
         return Tokens(
             guide=self.encode_guide(images) if "guide" in self.parts else None,
             semantic=self.encode_semantic(images) if "semantic" in self.parts else None,

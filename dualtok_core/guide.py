@@ -32,6 +32,7 @@ from diffusers.utils import BaseOutput
 from dualtok_core.checkpoints import LoadReport, read_tensors
 from dualtok_core.errors import BundleError, DualtokError, ImageInputError, TokenInputError
 from dualtok_core.imaging import check_token_ids, resize_float
+from dualtok_core.preprocess import check_preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +176,11 @@ class GuideVQModel(ModelMixin, ConfigMixin):
         norm_num_groups: int = 32,
         beta: float = 0.25,
         legacy: bool = False,
+        input_fit: str = "center_crop",  # how an image becomes the square input (imaging.Preprocess)
+        input_interpolation: str = "bicubic",
     ) -> None:
         super().__init__()
+        check_preprocess(input_fit, input_interpolation)
         vq_embed_dim = latent_channels if vq_embed_dim is None else vq_embed_dim
         decoder_widths = tuple(decoder_block_out_channels)
         grid_size, encoder_widths = _check_config(

@@ -14,18 +14,19 @@ import torch
 import torch.nn.functional as F
 
 from dualtok_core.errors import ImageInputError, TokenInputError
+from dualtok_core.preprocess import Preprocess, check_preprocess
 
 
-def pil_batch(images: Any, size: int) -> np.ndarray:
+def pil_batch(images: Any, preprocess: Preprocess) -> np.ndarray:
     """One PIL image, or a sequence of them of any sizes and modes -> uint8 (B, size, size, 3):
-    each rotated by its EXIF orientation, made RGB (alpha over white), center-cropped square and
-    resized (bicubic) to `size`, the largest input any loaded branch takes. Arrays and tensors are
-    not touched here: they go to `check_uint8_images` as they are."""
+    each rotated by its EXIF orientation, made RGB (alpha over white), then cut and resized as
+    `preprocess` says. Arrays and tensors are not touched here: they go to `check_uint8_images`."""
     from PIL import Image, ImageOps
 
     batch = [images] if isinstance(images, Image.Image) else list(images)
     if not batch:
         raise ImageInputError("images is an empty list")
+    size = preprocess.size
     out = np.empty((len(batch), size, size, 3), dtype=np.uint8)
     for i, image in enumerate(batch):
         if not isinstance(image, Image.Image):
@@ -34,11 +35,7 @@ def pil_batch(images: Any, size: int) -> np.ndarray:
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        image = image.convert("RGB")
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        out[i] = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC,
-                                         box=(left, top, left + side, top + side)))
+        out[i] = preprocess.apply(image.convert("RGB"))
     return out
 
 
@@ -80,13 +77,19 @@ def check_uint8_images(images: np.ndarray | torch.Tensor, min_size: int = 1) -> 
     return tensor
 
 
-def to_model_input(images: torch.Tensor, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, size, size) in [0, 1]: center square crop, antialiased resize."""
+def to_model_input(
+    images: torch.Tensor, size: int, device: torch.device, dtype: torch.dtype, fit: str = "center_crop",
+    interpolation: str = "bicubic",
+) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, size, size) in [0, 1]: the centre square (or, with fit
+    "resize", the whole image), antialiased resize."""
+    check_preprocess(fit, interpolation)
     x = images.to(device).permute(0, 3, 1, 2)  # (B, 3, H, W)
-    x = center_square(x)
+    if fit == "center_crop":
+        x = center_square(x)
     x = x.to(torch.float32) / 255.0
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode=interpolation, antialias=True, align_corners=False)
     return x.clamp_(0.0, 1.0).to(dtype).contiguous(memory_format=torch.channels_last)
 
 

@@ -57,6 +57,9 @@ SEED_KEYS = frozenset({
 # The semantic tensors an image's ids depend on (the Q-Former's text FFNs excepted, see `_tokenizing`).
 TOKENIZING = ("vision_model.", "query_tokens", "qformer.", "quantizer.project_in.", "quantizer.codebook.")
 CONTRASTIVE = ("vision_proj.weight", "text_proj.weight")
+# BLIP-2's and SEED's processors resize the whole image to 224 x 224 (bicubic), cropping nothing: a
+# semantic branch loaded from their weights sees images that way unless told otherwise.
+REFERENCE_FIT = "resize"
 # The weight files of the three SD parts dualtok keeps (safetensors only: pickles are never read).
 _SD_WEIGHTS = {"vae": "diffusion_pytorch_model", "unet": "diffusion_pytorch_model", "text_encoder": "model"}
 
@@ -96,9 +99,12 @@ def load_guide(
     return model.eval(), report
 
 
-def load_semantic(path: str | Path, preset: Preset, origin: str, seed: int) -> tuple[SemanticTokenizer, LoadReport]:
+def load_semantic(
+    path: str | Path, preset: Preset, origin: str, seed: int, fit: str = REFERENCE_FIT
+) -> tuple[SemanticTokenizer, LoadReport]:
     """BLIP-2's ViT and Q-Former shapes; SEED's codebook, decoder and Reverse Q-Former from the preset."""
     settings = {key: value for key, value in preset.kwargs("semantic").items() if key not in BLIP2_KEYS}
+    settings["input_fit"] = fit
     with _seeded(seed, "semantic"):
         model, blip = SemanticTokenizer.from_blip2(path, **settings)
     report = _report("semantic", origin, list(model.state_dict()), blip.loaded, unused=list(blip.unused))
@@ -106,10 +112,13 @@ def load_semantic(path: str | Path, preset: Preset, origin: str, seed: int) -> t
     return model.eval(), report
 
 
-def load_seed(path: str | Path, preset: Preset, origin: str, seed: int) -> tuple[SemanticTokenizer, LoadReport]:
+def load_seed(
+    path: str | Path, preset: Preset, origin: str, seed: int, fit: str = REFERENCE_FIT
+) -> tuple[SemanticTokenizer, LoadReport]:
     """A SEED release's ViT, causal Q-Former, codebook, decoders and unCLIP head; the preset gives what
     the release lacks (the 77-token Reverse Q-Former's shapes, the contrastive width)."""
     settings = {key: value for key, value in preset.kwargs("semantic").items() if key not in SEED_KEYS}
+    settings["input_fit"] = fit
     with _seeded(seed, "semantic"):
         model, loaded = SemanticTokenizer.from_seed(path, **settings)
     report = _report("semantic", origin, list(model.state_dict()), loaded.loaded, unused=list(loaded.unused),
@@ -205,6 +214,7 @@ def assemble_bundle(
     movq: str | Path | None,
     stable_diffusion: str | Path | None,
     seed_tokenizer: str | Path | None = None,
+    semantic_fit: str = REFERENCE_FIT,
     seed: int = 0,
     guide_overrides: dict[str, Any] | None = None,
     origins: dict[str, str] | None = None,
@@ -233,9 +243,9 @@ def assemble_bundle(
     if movq is not None:
         parts["guide"], reports["guide"] = load_guide(movq, spec, overrides, names["guide"], seed)
     if blip2 is not None:
-        parts["semantic"], reports["semantic"] = load_semantic(blip2, spec, names["semantic"], seed)
+        parts["semantic"], reports["semantic"] = load_semantic(blip2, spec, names["semantic"], seed, semantic_fit)
     if seed_tokenizer is not None:
-        parts["semantic"], reports["semantic"] = load_seed(seed_tokenizer, spec, names["semantic"], seed)
+        parts["semantic"], reports["semantic"] = load_seed(seed_tokenizer, spec, names["semantic"], seed, semantic_fit)
     if stable_diffusion is not None:
         parts["diffusion"], reports["diffusion"] = load_diffusion(stable_diffusion, names["diffusion"])
     check_compatible(parts)

@@ -33,6 +33,7 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 from dualtok_core.checkpoints import LoadReport
 from dualtok_core.errors import BundleError, DualtokError, ImageInputError
 from dualtok_core.imaging import check_token_ids
+from dualtok_core.preprocess import check_preprocess
 from dualtok_core.qformer import (
     BLIP2_MEAN,
     BLIP2_STD,
@@ -251,8 +252,11 @@ class SemanticTokenizer(ModelMixin, ConfigMixin):
         image_head: str | None = None,
         image_embed_dim: int = 1024,
         image_qformer_config: dict[str, Any] | None = None,
+        input_fit: str = "center_crop",  # how an image becomes the square input (imaging.Preprocess)
+        input_interpolation: str = "bicubic",
     ) -> None:
         super().__init__()
+        check_preprocess(input_fit, input_interpolation)
         vision_config = dict(PAPER_VISION if vision_config is None else vision_config)
         qformer_config = dict(PAPER_QFORMER if qformer_config is None else qformer_config)
         reverse_qformer_config = dict(PAPER_REVERSE if reverse_qformer_config is None else reverse_qformer_config)

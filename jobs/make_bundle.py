@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--movq", metavar="URI",
                         help="Kandinsky 2.2 MoVQ folder in diffusers format, or a decoder pipeline with movq/")
     parser.add_argument("--stable-diffusion", metavar="URI", help="Stable Diffusion 1.x folder in diffusers format")
+    parser.add_argument("--semantic-fit", choices=("resize", "center_crop"), default="resize",
+                        help="how a semantic branch loaded from --blip2 / --seed-tokenizer sees an image: resized "
+                             "whole to 224 x 224, as BLIP-2 and SEED were trained (default), or its centre square")
     parser.add_argument("--guide-size", type=int, metavar="PX",
                         help="guide image size, 16/32/64/128 (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every tensor left at its random init")
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         }
         tokenizer, reports = assemble_bundle(
             args.preset, blip2=local["blip2"], movq=local["movq"], stable_diffusion=local["stable-diffusion"],
-            seed_tokenizer=local["seed-tokenizer"], seed=args.seed, guide_overrides=overrides,
+            seed_tokenizer=local["seed-tokenizer"], semantic_fit=args.semantic_fit, seed=args.seed, guide_overrides=overrides,
             origins={"semantic": args.blip2 or args.seed_tokenizer, "guide": args.movq,
                      "diffusion": args.stable_diffusion},
         )

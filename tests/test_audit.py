@@ -421,11 +421,11 @@ def _reference_lpips(weights, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_score_reconstruction_metrics_images_and_learned_metrics(tmp_path):
     from dualtok.pipelines.audit.scoring import ScoreReconstruction, ScoreSettings
     from dualtok.pipelines.audit.stages import FAILED, VariantSpec
-    from dualtok.pipelines.io.decode import square_resize
+    from dualtok_core.preprocess import Preprocess
     from dualtok.pipelines.actors import StageResources
 
     weights = _perceptual_weights(tmp_path)
-    originals = np.stack([square_resize(Image.fromarray(im), 128) for im in photo_images(3, seed=2)])
+    originals = np.stack([Preprocess(128).apply(Image.fromarray(im)) for im in photo_images(3, seed=2)])
     checker = np.where((np.indices((128, 128)).sum(0) % 2)[None, :, :, None] == 0, 24, -24)  # pure high frequency
     payload = {S.KEY: np.array(["a", "b", "c"]), S.SHARD: np.array(["s"] * 3), S.INDEX: np.arange(3),
                S.CAPTION: np.array(["a photo", "", "x"]), "has_caption": np.array([True, False, True]),

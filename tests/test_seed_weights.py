@@ -160,3 +160,45 @@ def test_a_stage2_blip2_warns_that_the_contrastive_heads_stay_random(tmp_path, c
     out = capsys.readouterr().out
     assert "WARNING: the contrastive projections (vision_proj, text_proj) stay random" in out
     assert "blip2-itm-vit-g" in out and "its semantic ids mean nothing until trained: random quantizer" in out
+
+
+def test_the_decode_and_encode_stages_cut_each_branch_as_its_bundle_says(releases, tmp_path):
+    """A SEED bundle's semantic branch sees the whole image resized to 224 (SEED's processor), its
+    guide branch the centre square at 256; a bundle with default preprocessing decodes as before."""
+    from dualtok.pipelines.actors import BundleSource, StageResources
+    from dualtok.pipelines.io import schemas as S
+    from dualtok.pipelines.io.read import DecodeImages
+    from dualtok.pipelines.tokenize.config import ImageConfig, decode_inputs
+    from dualtok.pipelines.tokenize.encode import EncodeTokens
+    from dualtok_core.preprocess import Preprocess
+    from tests.shard_factory import encode
+
+    path, reference = releases["mlp"]
+    bundle, _ = assemble_bundle("tiny", blip2=None, movq=None, stable_diffusion=None, seed_tokenizer=path)
+    bundle.save_pretrained(tmp_path / "bundle")
+    source = BundleSource(str(tmp_path / "bundle"))
+    image, semantic = decode_inputs(source, "both")
+    assert (image, semantic) == (Preprocess(256), Preprocess(224, "resize"))
+    assert decode_inputs(source, "semantic") == (Preprocess(224, "resize"), None)
+    assert decode_inputs(BundleSource("tiny"), "both") == (Preprocess(256), None)  # default bundles: unchanged
+
+    wide = [data.astronaut()[:, :400], data.coffee(), data.chelsea()]  # not square: crop and resize differ
+    n = len(wide)
+    batch = {S.ROW_KIND: np.array([S.SAMPLE] * n), S.INDEX: np.arange(n), S.STAGE: np.array([""] * n, dtype=object),
+             S.REASON: np.array([""] * n, dtype=object),
+             S.IMAGE_BYTES: np.array([encode(im, "PNG") for im in wide], dtype=object)}
+    decoded = DecodeImages(ImageConfig().decode(image, semantic)).columns(batch)
+    assert decoded[S.IMAGE].shape == (n, 256, 256, 3) and decoded[S.SEMANTIC_IMAGE].shape == (n, 224, 224, 3)
+    out = EncodeTokens(source, StageResources(), streams=("guide", "semantic"))(decoded)
+    assert S.SEMANTIC_IMAGE not in out.column_names and S.IMAGE not in out.column_names
+
+    squashed = np.stack([np.asarray(Image.fromarray(im).resize((224, 224), Image.BICUBIC)) for im in wide])
+    expected, _ = reference.get_codebook_indices(torch.from_numpy(squashed).permute(0, 3, 1, 2).float() / 255)
+    columns = S.inflight_columns(out)
+    np.testing.assert_array_equal(columns[S.SEMANTIC_TOKENS], expected.numpy())
+    crops = np.stack([Preprocess(256).apply(Image.fromarray(im)) for im in wide])
+    np.testing.assert_array_equal(columns[S.GUIDE_TOKENS], bundle.encode_guide(crops))
+    # PIL input through the Python API: each branch cut its own way, the same ids
+    tokens = bundle.tokenize([Image.fromarray(im) for im in wide])
+    np.testing.assert_array_equal(tokens.semantic, expected.numpy())
+    np.testing.assert_array_equal(tokens.guide, columns[S.GUIDE_TOKENS])

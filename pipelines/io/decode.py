@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from dualtok_core.preprocess import Preprocess
+
 
 class DecodeError(ValueError):
     """An image member that cannot become an encoder input; the message is the recorded reason."""
@@ -31,9 +33,14 @@ class DecodeError(ValueError):
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """How images become encoder inputs. `size` is set from the bundle (the guide input size)."""
+    """How images become encoder inputs. `size` / `fit` / `interpolation` make IMAGE (set from the
+    bundle: the largest input of the branches that share it); `semantic`, when set, makes a second
+    input for a semantic branch whose preprocessing differs (BLIP-2's and SEED's whole-image resize)."""
 
     size: int = 256
+    fit: str = "center_crop"
+    interpolation: str = "bicubic"
+    semantic: Preprocess | None = None
     max_pixels: int = 64_000_000  # decompression-bomb limit, checked before pixel data is read
     max_decoded_bytes: int = 512 << 20  # the decoded image in Pillow's mode, checked before pixel data is read
     min_side: int = 16  # smaller images are errors, not silently blown up
@@ -42,6 +49,11 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         if self.size < 8 or self.max_pixels < 1 or self.min_side < 1 or self.max_decoded_bytes < 1:
             raise ValueError(f"decode config out of range: {self}")
+        Preprocess(self.size, self.fit, self.interpolation)  # validates fit and interpolation
+
+    @property
+    def image(self) -> Preprocess:
+        return Preprocess(self.size, self.fit, self.interpolation)
 
 
 @dataclass(frozen=True)
@@ -49,10 +61,11 @@ class DecodedImage:
     pixels: np.ndarray  # (size, size, 3) uint8
     width: int  # of the stored image, before any crop or resize
     height: int
+    semantic_pixels: np.ndarray | None = None  # (s, s, 3) uint8, when config.semantic is set
 
 
 def decode_image(data: bytes, config: DecodeConfig) -> DecodedImage:
-    """Image bytes -> centered square RGB crop resized to `config.size`.
+    """Image bytes -> the RGB input(s) `config` describes (by default the centred square at `config.size`).
 
     Pillow's warnings about the data it reads ("Corrupt EXIF data", "Tag data larger than file"),
     one per odd file and worded differently each time, are not logged: the image is decoded or
@@ -80,20 +93,24 @@ def _decode(data: bytes, config: DecodeConfig) -> DecodedImage:
         raise DecodeError(f"image too small: {width}x{height}, the minimum side is {config.min_side}")
     try:
         if config.draft and img.format == "JPEG":
-            side = min(width, height)
-            img.draft("RGB", (-(-config.size * width // side), -(-config.size * height // side)))
+            # every input keeps at least its size across its region (centre square or whole image)
+            side, target = min(width, height), max(config.size, config.semantic.size if config.semantic else 0)
+            img.draft("RGB", (-(-target * width // side), -(-target * height // side)))
         _check_decoded_bytes(img, config.max_decoded_bytes)
         img.load()
-        img = ImageOps.exif_transpose(img)
         # gray stays gray through the crop and resize (a third of the bytes at full size); RGB after
-        pixels = square_resize(to_rgb_or_gray(img), config.size)
-        if pixels.ndim == 2:
-            pixels = np.repeat(pixels[:, :, None], 3, axis=2)  # (S, S) -> (S, S, 3)
+        img = to_rgb_or_gray(ImageOps.exif_transpose(img))
+        pixels = _rgb(config.image.apply(img))
+        semantic = _rgb(config.semantic.apply(img)) if config.semantic is not None else None
     except DecodeError:
         raise
     except Exception as err:  # noqa: BLE001 - Pillow raises many types for corrupt data; each is this image's
         raise DecodeError(f"corrupt image data: {_describe(err)}") from err
-    return DecodedImage(pixels=pixels, width=width, height=height)
+    return DecodedImage(pixels=pixels, width=width, height=height, semantic_pixels=semantic)
+
+
+def _rgb(pixels: np.ndarray) -> np.ndarray:
+    return np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else pixels  # (S, S) -> (S, S, 3)
 
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "PPM")  # what `shards.IMAGE_EXTENSIONS` name
@@ -150,12 +167,3 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
         out[start : start + _CHUNK] = (chunk * 255 + peak // 2) // peak
     return out.reshape(array.shape)
 
-
-def square_resize(img: Image.Image, size: int) -> np.ndarray:
-    """Center square crop, then resize to (size, size) with a bicubic filter."""
-    width, height = img.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    box = (left, top, left + side, top + side)
-    out = img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=None)
-    return np.asarray(out, dtype=np.uint8)

@@ -160,7 +160,7 @@ def _columns(rows: list[dict[str, Any]]) -> Columns:
 
 @dataclass(frozen=True)
 class DecodeImages:
-    """image_bytes -> IMAGE (S, S, 3) uint8 + width/height; failures become ERROR rows."""
+    """image_bytes -> IMAGE (S, S, 3) uint8 (and SEMANTIC_IMAGE) + width/height; failures become ERROR rows."""
 
     config: DecodeConfig = DecodeConfig()
 
@@ -172,6 +172,8 @@ class DecodeImages:
         n = len(batch[S.ROW_KIND])
         size = self.config.size
         images = np.zeros((n, size, size, 3), dtype=np.uint8)
+        extra = self.config.semantic
+        semantic = np.zeros((n, extra.size, extra.size, 3), dtype=np.uint8) if extra is not None else None
         widths, heights = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
         kinds, stages, reasons = batch[S.ROW_KIND].copy(), batch[S.STAGE].copy(), batch[S.REASON].copy()
         for i in np.flatnonzero(kinds == S.SAMPLE):
@@ -181,9 +183,13 @@ class DecodeImages:
                 kinds[i], stages[i], reasons[i] = S.ERROR, S.STAGE_DECODE, str(err)
                 continue
             images[i], widths[i], heights[i] = decoded.pixels, decoded.width, decoded.height
+            if semantic is not None:
+                semantic[i] = decoded.semantic_pixels
         out = {k: v for k, v in batch.items() if k != S.IMAGE_BYTES}
         out.update({S.ROW_KIND: kinds, S.STAGE: stages, S.REASON: reasons, S.IMAGE: images,
                     S.WIDTH: widths, S.HEIGHT: heights})
+        if semantic is not None:
+            out[S.SEMANTIC_IMAGE] = semantic
         return out
 
 

@@ -27,6 +27,7 @@ STAGE, REASON = "stage", "reason"
 
 # In-flight columns of the Ray Data pipeline (never written to the corpus).
 IMAGE = "image"  # (S, S, 3) uint8 square crop at the encoder's input size
+SEMANTIC_IMAGE = "semantic_image"  # (s, s, 3) uint8: the semantic branch's own input, where its preprocessing differs
 ROW_KIND = "row_kind"  # SAMPLE, ERROR or END (one END row per shard carries the sample count)
 SHARD_SAMPLES = "shard_samples"  # on END rows: samples read from the shard; -1 elsewhere
 SHARD_URI = "shard_uri"
@@ -51,8 +52,8 @@ STAGE_STORAGE = "storage"  # on a failed shard's END row: the store, not the dat
 # a string column, and merges with the next block. The stages' outputs:
 #   read:    ROW_KIND KEY SHARD INDEX CAPTION IMAGE_BYTES STAGE REASON SHARD_SAMPLES SHARD_BYTES SHARD_VERSION SHARD_RETRIES,
 #            and a passthrough_column per passthrough field
-#   decode:  the read columns less IMAGE_BYTES, plus IMAGE WIDTH HEIGHT
-#   encode:  the decode columns less IMAGE, plus the token column of each stream
+#   decode:  the read columns less IMAGE_BYTES, plus IMAGE WIDTH HEIGHT (and SEMANTIC_IMAGE)
+#   encode:  the decode columns less IMAGE and SEMANTIC_IMAGE, plus the token column of each stream
 INFLIGHT_TYPES: dict[str, pa.DataType] = {
     SHARD_URI: pa.string(), ROW_KIND: pa.int8(), KEY: pa.string(), SHARD: pa.string(), INDEX: pa.int64(),
     CAPTION: pa.string(), IMAGE_BYTES: pa.large_binary(),  # large: a block may pass 2 GiB of members
@@ -62,7 +63,7 @@ INFLIGHT_TYPES: dict[str, pa.DataType] = {
 # (N, ...) arrays travel as Arrow's fixed-shape tensor (stored as a fixed-size list of the element
 # type), which Ray Data hands to the next stage as one (N, ...) ndarray. The shape comes from the
 # array: IMAGE (N, S, S, 3) uint8, token columns (N, length) uint16.
-INFLIGHT_TENSORS: dict[str, pa.DataType] = {IMAGE: pa.uint8(), GUIDE_TOKENS: pa.uint16(), SEMANTIC_TOKENS: pa.uint16()}
+INFLIGHT_TENSORS: dict[str, pa.DataType] = {IMAGE: pa.uint8(), SEMANTIC_IMAGE: pa.uint8(), GUIDE_TOKENS: pa.uint16(), SEMANTIC_TOKENS: pa.uint16()}
 
 
 def passthrough_column(name: str) -> str:

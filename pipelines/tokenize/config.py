@@ -19,6 +19,7 @@ from dualtok.pipelines.io.parquet_shards import ParquetColumns
 from dualtok.pipelines.io.shards import ShardLimits
 from dualtok.pipelines.io.storage import StorageConfig
 from dualtok.pipelines.tokenize.pipeline import TokenizePlan
+from dualtok_core.preprocess import Preprocess
 
 READ_ACTORS_PER_GPU = 4  # decode actors that keep one GPU's encoder fed (docs/cluster.md)
 
@@ -45,8 +46,9 @@ class ImageConfig:
     def limits(self) -> ShardLimits:
         return ShardLimits(max_member_bytes=self.max_member_bytes, max_caption_bytes=self.max_caption_bytes)
 
-    def decode(self, size: int) -> DecodeConfig:
-        return DecodeConfig(size=size, max_pixels=self.max_pixels, max_decoded_bytes=self.max_decoded_bytes,
+    def decode(self, image: Preprocess, semantic: Preprocess | None = None) -> DecodeConfig:
+        return DecodeConfig(size=image.size, fit=image.fit, interpolation=image.interpolation, semantic=semantic,
+                            max_pixels=self.max_pixels, max_decoded_bytes=self.max_decoded_bytes,
                             min_side=self.min_side, draft=self.jpeg_draft)
 
 
@@ -202,10 +204,9 @@ def plan_from_config(config: TokenizeConfig, resources: Resources | None = None)
     if resources is None:
         resources = Resources(config.read_cpus or 1.0, config.read_actors or 1, _encoder(config.encoder, None))
     source = BundleSource(config.bundle, seed=config.seed, storage_options=options)
-    size = _input_size(source, config.streams)
     return TokenizePlan(
         inputs=list(config.inputs), output=config.output, source=source, streams=config.streams,
-        decode=config.image.decode(size), limits=config.image.limits, parquet=config.parquet,
+        decode=config.image.decode(*decode_inputs(source, config.streams)), limits=config.image.limits, parquet=config.parquet,
         passthrough=tuple(config.passthrough),
         encoder=resources.encoder, read_cpus=resources.read_cpus, read_actors=resources.read_actors,
         prefetch_batches=config.prefetch_batches,
@@ -217,26 +218,40 @@ def plan_from_config(config: TokenizeConfig, resources: Resources | None = None)
     )
 
 
-def _input_size(source: BundleSource, streams: str) -> int:
-    """Decode once at the largest input any requested branch takes (guide 256, semantic 224)."""
-    from dualtok_core.presets import get_preset
+def decode_inputs(source: BundleSource, streams: str) -> tuple[Preprocess, Preprocess | None]:
+    """What the decode stage makes: IMAGE, and SEMANTIC_IMAGE where the semantic branch needs its own.
 
-    if source.is_preset:
-        preset = get_preset(source.spec)
-        sizes = {"guide": preset.guide.get("image_size", 256), "semantic": preset.semantic.get("image_size", 224)}
-    else:
-        sizes = _bundle_input_sizes(source)
-    wanted = [sizes[p] for p in ("guide", "semantic") if streams in (p, "both")]
-    return max(wanted)
+    Branches with the default preprocessing (centre crop, bicubic) share one crop at the largest input
+    they take (guide 256, semantic 224), each resized on its way into the model, as every bundle made
+    before per-branch preprocessing was: their tokens do not change. A branch with any other
+    preprocessing (a released BLIP-2 / SEED: the whole image resized to 224) gets its input cut from
+    the decoded image directly, at its own size.
+    """
+    own = _branch_preprocess(source)
+    parts = [p for p in ("guide", "semantic") if streams in (p, "both")]
+    shared = [own[p] for p in parts if (own[p].fit, own[p].interpolation) == ("center_crop", "bicubic")]
+    effective = {p: Preprocess(max(q.size for q in shared)) if own[p] in shared else own[p] for p in parts}
+    image = effective[parts[0]]
+    semantic = effective.get("semantic")
+    return image, semantic if semantic is not None and semantic != image else None
 
 
-def _bundle_input_sizes(source: BundleSource) -> dict[str, int]:
+def _branch_preprocess(source: BundleSource) -> dict[str, Preprocess]:
+    """Each branch's `Preprocess`, from the preset or the bundle's part configs (absent keys: defaults)."""
     import json
 
     from dualtok.pipelines.io.storage import filesystem, join
+    from dualtok_core.presets import get_preset
 
-    sizes = {}
-    for part, default in (("guide", 256), ("semantic", 224)):
-        fs, path = filesystem(join(source.spec, part, "config.json"), source.storage_options or None)
-        sizes[part] = json.loads(fs.cat_file(path)).get("image_size", default) if fs.exists(path) else default
-    return sizes
+    sizes = {"guide": 256, "semantic": 224}
+    configs: dict[str, dict] = {}
+    if source.is_preset:
+        preset = get_preset(source.spec)
+        configs = {"guide": preset.guide, "semantic": preset.semantic}
+    else:
+        for part in sizes:
+            fs, path = filesystem(join(source.spec, part, "config.json"), source.storage_options or None)
+            configs[part] = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
+    return {part: Preprocess(int(configs[part].get("image_size", size)), configs[part].get("input_fit", "center_crop"),
+                             configs[part].get("input_interpolation", "bicubic"))
+            for part, size in sizes.items()}

@@ -47,11 +47,13 @@ class EncodeTokens:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """The batch less IMAGE, plus a token column per stream, typed as `schemas.inflight_table` says."""
         rows = np.flatnonzero(batch[S.ROW_KIND] == S.SAMPLE)
-        images = batch[S.IMAGE][rows]  # (N, S, S, 3) uint8, SAMPLE rows only
-        out = {k: v for k, v in batch.items() if k != S.IMAGE}  # images stop here: only tokens go on
+        # (N, S, S, 3) uint8, SAMPLE rows only; the semantic branch's own input where the decode made one
+        images = {stream: batch[S.SEMANTIC_IMAGE if stream == "semantic" and S.SEMANTIC_IMAGE in batch else S.IMAGE][rows]
+                  for stream in self.streams}
+        out = {k: v for k, v in batch.items() if k not in (S.IMAGE, S.SEMANTIC_IMAGE)}  # only tokens go on
         for stream in self.streams:
             tokens = np.zeros((len(batch[S.ROW_KIND]), self.lengths[stream]), dtype=np.uint16)
             if len(rows):
-                tokens[rows] = self.encoders[stream](images)  # (N, length) uint16
+                tokens[rows] = self.encoders[stream](images[stream])  # (N, length) uint16
             out[_STREAM_COLUMNS[stream]] = tokens
         return S.inflight_table(out)

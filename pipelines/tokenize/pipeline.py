@@ -96,7 +96,8 @@ class TokenizePlan:
     @property
     def batch_bytes(self) -> int:
         """Bytes of one encoder batch of decoded images (uint8 RGB at the decode size)."""
-        return self.encoder.batch_size * self.decode.size**2 * 3
+        semantic = self.decode.semantic.size**2 * 3 if self.decode.semantic is not None else 0
+        return self.encoder.batch_size * (self.decode.size**2 * 3 + semantic)
 
 
 @dataclass
@@ -194,6 +195,8 @@ def _layout(plan: TokenizePlan) -> tuple[CorpusLayout, dict[str, Any]]:
         "bundle_fingerprint": tokenizer.fingerprint, "part_hashes": tokenizer.info.part_hashes, "preset": tokenizer.info.preset,
         "weights": tokenizer.info.sources, "untrained_parts": tokenizer.info.untrained_parts,
         "image_size": plan.decode.size,
+        # how each branch's input was cut from the images (a BLIP-2 / SEED bundle: the whole image resized)
+        "preprocess": {part: tokenizer.preprocess(part).describe() for part in parts},
     }
     guide_len = semantic_len = None
     if "guide" in parts:
