@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dualtok_core import diffusion, guide, semantic
+from dualtok_core import diffusion, guide, semantic, unclip
 from dualtok_core.checkpoints import RANDOM_INIT
 from dualtok_core.errors import BundleError, require_safetensors
 from dualtok_core.imaging import check_token_ids, check_uint8_images, is_pil_input, pil_batch, to_model_input, to_uint8
@@ -40,7 +40,7 @@ _LOADERS = {
     "guide": functools.partial(guide.GuideVQModel.from_pretrained, use_safetensors=True, low_cpu_mem_usage=False),
     "semantic": functools.partial(semantic.SemanticTokenizer.from_pretrained, use_safetensors=True,
                                   low_cpu_mem_usage=False),
-    "diffusion": diffusion.DiffusionReconstructor.from_pretrained,  # its three loads pass use_safetensors
+    "diffusion": unclip.load_reconstructor,  # SD's layout or unCLIP's; its loads pass use_safetensors
 }
 
 
@@ -278,6 +278,20 @@ class DualTokenizer:
         ids = check_token_ids(semantic_ids, self.num_semantic_tokens, self.semantic_vocab, "semantic")
         return self.part("semantic").generation_embeddings(ids.to(self.device))  # (B, 77, D)
 
+    @property
+    def diffusion_kind(self) -> str:
+        """What conditions the bundle's UNet: "text" (77 x D embeddings) or "unclip" (one image embedding)."""
+        return getattr(self.part("diffusion"), "kind", "text")
+
+    @torch.inference_mode()
+    def condition(self, semantic_ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Semantic ids -> the diffusion branch's condition: generation embeddings (B, 77, D), or for an
+        unCLIP branch the image embeddings (B, E) of SEED's decoding head."""
+        if self.diffusion_kind != "unclip":
+            return self.generation_embeddings(semantic_ids)
+        ids = check_token_ids(semantic_ids, self.num_semantic_tokens, self.semantic_vocab, "semantic")
+        return self.part("semantic").image_embeddings(ids.to(self.device))  # (B, E)
+
     @torch.inference_mode()
     def detokenize(
         self,
@@ -293,7 +307,7 @@ class DualTokenizer:
     ) -> np.ndarray:
         """Re-render full images from both streams (paper sec. 3.3): uint8 (B, size, size, 3)."""
         gids = check_token_ids(guide_ids, self.guide_grid**2, self.guide_vocab, "guide").to(self.device)
-        cond = self.generation_embeddings(semantic_ids)
+        cond = self.condition(semantic_ids)
         if cond.shape[0] != gids.shape[0]:
             raise BundleError(f"{gids.shape[0]} guide rows but {cond.shape[0]} semantic rows")
         guide_img = self.part("guide").decode(gids)  # (B, 3, g, g)
@@ -309,7 +323,7 @@ class DualTokenizer:
         guidance: float = diffusion.DEFAULT_GUIDANCE, seed: int = 0,
     ) -> np.ndarray:
         """The semantic-only baseline (SEED/LaVIT): pure noise, semantic condition only."""
-        cond = self.generation_embeddings(semantic_ids)
+        cond = self.condition(semantic_ids)
         return to_uint8(self.part("diffusion").generate(cond, size=size, steps=steps, guidance=guidance, seed=seed))
 
 

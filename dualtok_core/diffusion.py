@@ -176,7 +176,13 @@ class DDIMTimesteps:
 
 
 class DiffusionReconstructor(nn.Module):
-    """Stable Diffusion 1.x parts + DDIM inversion and guided denoising (frozen, inference only)."""
+    """Stable Diffusion 1.x parts + DDIM inversion and guided denoising (frozen, inference only).
+
+    The condition is the semantic branch's (B, 77, D) generation embeddings, which the UNet
+    cross-attends to. `unclip.UnCLIPReconstructor` is the other kind: one image embedding per image.
+    """
+
+    kind = "text"  # what conditions the UNet: 77 x D text-encoder-like embeddings
 
     def __init__(
         self,
@@ -302,7 +308,14 @@ class DiffusionReconstructor(nn.Module):
         `dtype` casts every part after loading (transformers and diffusers name the load-time
         argument differently across versions; a cast works with all of them).
         """
-        root = Path(path)
+        model = cls(*cls._read_parts(Path(path)))
+        return model if dtype is None else model.to(dtype)
+
+    from_stable_diffusion = from_pretrained
+
+    @staticmethod
+    def _read_parts(root: Path) -> tuple[nn.Module, nn.Module, nn.Module, PreTrainedTokenizerBase, dict[str, Any]]:
+        """The five SD parts of a diffusers folder: vae, unet, text_encoder, tokenizer, scheduler config."""
         if not root.is_dir():
             raise BundleError(f"diffusion folder {str(root)!r} does not exist")
         for part in PARTS:
@@ -320,10 +333,7 @@ class DiffusionReconstructor(nn.Module):
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
         scheduler_config = DDIMScheduler.load_config(root / "scheduler")
         logger.info("loaded diffusion parts from %s", root)
-        model = cls(vae, unet, text_encoder, tokenizer, scheduler_config)
-        return model if dtype is None else model.to(dtype)
-
-    from_stable_diffusion = from_pretrained
+        return vae, unet, text_encoder, tokenizer, scheduler_config
 
     # ---- conditioning -------------------------------------------------------------------
 
@@ -365,6 +375,10 @@ class DiffusionReconstructor(nn.Module):
         self.scheduler.set_timesteps(steps)
         return DDIMTimesteps(self.scheduler.timesteps[steps - count :].clone(), steps)  # (count,)
 
+    def prepare_condition(self, cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The checked condition as the UNet takes it; the 77 x D embeddings are taken as they are."""
+        return cond
+
     def _noise(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         cond = cond.to(self.device, self.dtype).expand(latents.shape[0], -1, -1)  # (N, 77, D)
         return self.unet(latents, t, encoder_hidden_states=cond).sample  # (N, 4, h, w)
@@ -394,8 +408,8 @@ class DiffusionReconstructor(nn.Module):
         self.scheduler.set_timesteps(timesteps.num_inference_steps)
         z = latents.to(self.device, self.dtype)  # (B, 4, h, w)
         batch = z.shape[0]
-        uncond = uncond.to(self.device, self.dtype).expand(batch, -1, -1)  # (B, 77, D)
-        cond = cond.to(self.device, self.dtype).expand(batch, -1, -1)  # (B, 77, D)
+        uncond = uncond.to(self.device, self.dtype).expand(batch, *uncond.shape[1:])  # (B, 77, D)
+        cond = cond.to(self.device, self.dtype).expand(batch, *cond.shape[1:])  # (B, 77, D)
         both = torch.cat([uncond, cond])  # (2B, 77, D): unconditional rows first
         for t in timesteps.timesteps:
             if guidance == 1.0:  # the guided mix reduces to the conditional prediction alone
@@ -452,11 +466,12 @@ class DiffusionReconstructor(nn.Module):
                 f"inversion_condition must be one of {INVERSION_CONDITIONS}, got {inversion_condition!r}"
             )
         schedule = self.timesteps_for(steps, strength)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        cond = self.prepare_condition(cond, generator)
         uncond = self.unconditional_embedding()  # (1, 77, D)
         # Bicubic overshoots [0, 1]; the VAE was trained on clipped pixels.
         latents = self.encode(resize_float(guide, size).clamp(0.0, 1.0))  # (B, 4, size/f, size/f)
         noisy = self.invert(latents, schedule, cond if inversion_condition == "semantic" else uncond)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
         latents = self.denoise(noisy, schedule, cond, uncond, guidance, eta=eta, generator=generator)
         return self.decode(latents)  # (B, 3, size, size)
 
@@ -468,6 +483,7 @@ class DiffusionReconstructor(nn.Module):
         self._check_sampling(size, guidance, eta)
         schedule = self.timesteps_for(steps, 1.0)
         generator = torch.Generator(device="cpu").manual_seed(seed)
+        cond = self.prepare_condition(cond, generator)
         side = size // self.vae_scale_factor
         shape = (cond.shape[0], int(self.unet.config.in_channels), side, side)
         noise = torch.randn(shape, generator=generator) * self.scheduler.init_noise_sigma  # (B, 4, h, w)

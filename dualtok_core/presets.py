@@ -98,8 +98,17 @@ def _build_into(built: dict[str, torch.nn.Module], preset: Preset, seed: int, pa
 
 
 def check_compatible(parts: dict[str, torch.nn.Module]) -> None:
-    """The semantic branch's generation embeddings must fit the UNet's cross-attention."""
-    if "semantic" in parts and "diffusion" in parts:
+    """The semantic branch's condition must fit the UNet: generation embeddings its cross-attention,
+    or (an unCLIP UNet) image embeddings its class-label projection."""
+    if "semantic" in parts and "diffusion" in parts and getattr(parts["diffusion"], "kind", "text") == "unclip":
+        config, wanted = parts["semantic"].config, parts["diffusion"].embed_dim
+        if config.image_head is None or config.image_embed_dim != wanted:
+            have = "no image-embedding head" if config.image_head is None else f"{config.image_embed_dim}-d"
+            raise BundleError(
+                f"the unCLIP UNet is conditioned on {wanted}-d image embeddings, but the semantic branch makes "
+                f"{have} (a SEED tokenizer's unCLIP head makes them)"
+            )
+    elif "semantic" in parts and "diffusion" in parts:
         gen_dim = parts["semantic"].config.gen_dim
         cross = parts["diffusion"].cross_attention_dim
         if gen_dim != cross:

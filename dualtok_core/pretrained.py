@@ -37,6 +37,7 @@ from dualtok_core.guide import GuideVQModel
 from dualtok_core.presets import PARTS, Preset, build_parts, check_compatible, get_preset
 from dualtok_core.qformer import blip2_config
 from dualtok_core.semantic import SemanticTokenizer
+from dualtok_core.unclip import is_unclip_folder, load_reconstructor
 
 logger = logging.getLogger(__name__)
 
@@ -153,16 +154,19 @@ def semantic_notes(report: LoadReport) -> list[str]:
 
 
 def load_diffusion(path: str | Path, origin: str) -> tuple[DiffusionReconstructor, LoadReport]:
-    """The whole SD 1.x folder; the report compares our tensors with the names in its safetensors."""
+    """The whole SD 1.x (or stable unCLIP) folder; the report compares our tensors with the names in its
+    safetensors."""
     root = Path(path)
-    in_files = {part: tensor_names(root / part, stem, "released weights") for part, stem in _SD_WEIGHTS.items()}
+    weights = {**_SD_WEIGHTS, **({"image_normalizer": "diffusion_pytorch_model"} if is_unclip_folder(root) else {})}
+    in_files = {part: tensor_names(root / part, stem, "released weights") for part, stem in weights.items()}
     # fp32 whatever the release stores: a bundle's parts share one dtype (`DualTokenizer.to` casts later).
-    model = DiffusionReconstructor.from_stable_diffusion(root, dtype=torch.float32)
-    names = [name for name in model.state_dict() if name.split(".")[0] in _SD_WEIGHTS]
+    model = load_reconstructor(root, dtype=torch.float32)
+    names = [name for name in model.state_dict() if name.split(".")[0] in weights]
     loaded = [name for name in names if name.partition(".")[2] in in_files[name.split(".")[0]]]
     ours = set(names)
     unused = sorted(f"{part}.{key}" for part, keys in in_files.items() for key in keys if f"{part}.{key}" not in ours)
-    return model, _report("diffusion", origin, names, loaded, unused=unused)
+    kind = "Stable unCLIP" if model.kind == "unclip" else ""
+    return model, _report("diffusion", origin, names, loaded, unused=unused, kind=kind)
 
 
 # ---- cross-branch checks, before any weights are read -------------------------------------------
@@ -180,6 +184,8 @@ def check_checkpoint_widths(preset: Preset, blip2: str | Path | None, stable_dif
                 f"decoder cannot split into {heads} heads (decoder_heads); use a preset whose decoder_heads "
                 f"divides {width}"
             )
+    if stable_diffusion is not None and is_unclip_folder(stable_diffusion):
+        return  # an unCLIP UNet is conditioned on image embeddings: `check_compatible` checks the assembled parts
     if stable_diffusion is not None:
         config_file = Path(stable_diffusion) / "unet" / "config.json"
         if not config_file.is_file():

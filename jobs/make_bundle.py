@@ -30,6 +30,8 @@ CHECKPOINT_FOLDERS: dict[str, tuple[str, ...]] = {
     "movq": ("", "movq"),  # a MoVQ folder, or a Kandinsky 2.2 decoder pipeline holding movq/
     "stable-diffusion": ("", "vae", "unet", "text_encoder", "tokenizer", "scheduler"),
     "seed-tokenizer": ("",),
+    "unclip": ("", "vae", "unet", "text_encoder", "tokenizer", "scheduler", "image_normalizer",
+               "image_noising_scheduler"),
 }
 _SEED_FILES = frozenset({"seed_quantizer.pt", "seed_quantizer.safetensors", "model.safetensors"})
 _CONFIG_FILES = frozenset({
@@ -50,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--movq", metavar="URI",
                         help="Kandinsky 2.2 MoVQ folder in diffusers format, or a decoder pipeline with movq/")
     parser.add_argument("--stable-diffusion", metavar="URI", help="Stable Diffusion 1.x folder in diffusers format")
+    parser.add_argument("--unclip", metavar="URI",
+                        help="stable-diffusion-2-1-unclip folder in diffusers format: SEED's decoder, conditioned on "
+                             "the image embeddings of --seed-tokenizer's unCLIP head; instead of --stable-diffusion")
     parser.add_argument("--semantic-fit", choices=("resize", "center_crop"), default="resize",
                         help="how a semantic branch loaded from --blip2 / --seed-tokenizer sees an image: resized "
                              "whole to 224 x 224, as BLIP-2 and SEED were trained (default), or its centre square")
@@ -69,8 +74,10 @@ def run(args: argparse.Namespace) -> int:
     fs, root = filesystem(join(args.output, "bundle.json"), options or None)
     if fs.exists(root) and not args.overwrite:
         raise BundleError(f"{args.output} already holds a bundle; pass --overwrite to replace it")
+    if args.stable_diffusion and args.unclip:
+        raise BundleError("give one diffusion checkpoint: --stable-diffusion or --unclip, not both")
     given = {"blip2": args.blip2, "seed-tokenizer": args.seed_tokenizer, "movq": args.movq,
-             "stable-diffusion": args.stable_diffusion}
+             "stable-diffusion": args.stable_diffusion, "unclip": args.unclip}
     overrides = {"guide_size": args.guide_size} if args.guide_size is not None else {}
     with tempfile.TemporaryDirectory(prefix="dualtok-checkpoints-") as tmp:
         local = {
@@ -78,18 +85,20 @@ def run(args: argparse.Namespace) -> int:
             for kind, uri in given.items()
         }
         tokenizer, reports = assemble_bundle(
-            args.preset, blip2=local["blip2"], movq=local["movq"], stable_diffusion=local["stable-diffusion"],
-            seed_tokenizer=local["seed-tokenizer"], semantic_fit=args.semantic_fit, seed=args.seed, guide_overrides=overrides,
+            args.preset, blip2=local["blip2"], movq=local["movq"],
+            stable_diffusion=local["stable-diffusion"] or local["unclip"],
+            seed_tokenizer=local["seed-tokenizer"], semantic_fit=args.semantic_fit, seed=args.seed,
+            guide_overrides=overrides,
             origins={"semantic": args.blip2 or args.seed_tokenizer, "guide": args.movq,
-                     "diffusion": args.stable_diffusion},
+                     "diffusion": args.stable_diffusion or args.unclip},
         )
         tokenizer.save_pretrained(args.output, storage_options=options or None)
     for part, report in reports.items():
         print(f"{part:10s} {report.summary()}")
     print(f"bundle     {args.output}  (preset {args.preset}, fingerprint {tokenizer.fingerprint})")
     if tokenizer.info.untrained_parts:
-        print(f"NOTE: {', '.join(tokenizer.info.untrained_parts)} still hold random tensors: train them before "
-              "their tokens mean anything.")
+        print(f"NOTE: {', '.join(tokenizer.info.untrained_parts)} hold random tensors (listed above); "
+              "docs/weights.md says which training stages fit them.")
     return 0
 
 

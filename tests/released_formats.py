@@ -102,3 +102,43 @@ def tiny_stable_diffusion(path: str | Path, seed: int = 5) -> DiffusionReconstru
     model = DiffusionReconstructor.build_random(DIFFUSION_PRESETS["tiny"], seed=seed)
     save_stable_diffusion(path, model.vae, model.unet, model.text_encoder, model.tokenizer)
     return model
+
+
+# stable-diffusion-2-1-unclip's schedules: v-prediction DDIM, and the squared-cosine DDPM that noises
+# the image embedding.
+UNCLIP_SCHEDULER = {**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction", "timestep_spacing": "leading"}
+UNCLIP_NOISING = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"}
+
+
+def save_stable_unclip(path: str | Path, embed_dim: int, seed: int = 6):
+    """A tiny `StableUnCLIPImg2ImgPipeline` saved in its released layout (with the image encoder and
+    feature extractor dualtok does not use); returns the pipeline, DDIM scheduler and all."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+    from transformers import CLIPVisionModelWithProjection
+
+    from dualtok_core.diffusion import byte_level_clip_tokenizer
+
+    tiny = DIFFUSION_PRESETS["tiny"]
+    torch.manual_seed(seed)
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=embed_dim)
+    with torch.no_grad():
+        normalizer.mean.normal_(std=0.1)
+        normalizer.std.uniform_(0.5, 1.5)
+    pipe = StableUnCLIPImg2ImgPipeline(
+        feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
+        image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+            patch_size=4, projection_dim=embed_dim)),
+        image_normalizer=normalizer,
+        image_noising_scheduler=DDPMScheduler(**UNCLIP_NOISING),
+        tokenizer=byte_level_clip_tokenizer(),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**tiny["text_encoder"])),
+        unet=UNet2DConditionModel(**tiny["unet"], class_embed_type="projection",
+                                  projection_class_embeddings_input_dim=2 * embed_dim),
+        scheduler=DDIMScheduler(**UNCLIP_SCHEDULER),
+        vae=AutoencoderKL(**tiny["vae"]),
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return pipe

@@ -202,3 +202,55 @@ def test_the_decode_and_encode_stages_cut_each_branch_as_its_bundle_says(release
     tokens = bundle.tokenize([Image.fromarray(im) for im in wide])
     np.testing.assert_array_equal(tokens.semantic, expected.numpy())
     np.testing.assert_array_equal(tokens.guide, columns[S.GUIDE_TOKENS])
+
+
+@pytest.fixture(scope="module")
+def unclip_folder(tmp_path_factory):
+    from tests.released_formats import save_stable_unclip
+
+    path = tmp_path_factory.mktemp("unclip") / "stable-diffusion-2-1-unclip"
+    return path, save_stable_unclip(path, embed_dim=24)  # the SEED checkpoints' image embeddings are 24-d
+
+
+def test_unclip_generation_equals_diffusers_stable_unclip_pipeline(unclip_folder):
+    from dualtok_core.unclip import UnCLIPReconstructor, load_reconstructor
+
+    path, pipe = unclip_folder
+    model = load_reconstructor(path)
+    assert isinstance(model, UnCLIPReconstructor) and model.embed_dim == 24
+    embeds = torch.randn(2, 24, generator=torch.Generator().manual_seed(1))
+    seed, steps, size, guidance = 3, 4, 64, 3.0
+    ours = model.generate(embeds, size=size, steps=steps, guidance=guidance, seed=seed)
+    # the same draws: the embedding noise first, then the starting latents, from one seeded generator
+    generator = torch.Generator().manual_seed(seed)
+    torch.randn(embeds.shape, generator=generator)
+    side = size // model.vae_scale_factor
+    latents = torch.randn((2, 4, side, side), generator=generator) * model.scheduler.init_noise_sigma
+    pipe.scheduler = model.scheduler  # DDIM, as the released folder configures it
+    reference = pipe(prompt=[""] * 2, image_embeds=embeds, latents=latents, noise_level=0,
+                     generator=torch.Generator().manual_seed(seed), num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+                     height=size, width=size).images
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+    with pytest.raises(Exception, match=r"image embeddings \(B, 24\)"):
+        model.generate(torch.zeros(2, 77, 32), size=size, steps=steps, guidance=guidance, seed=seed)
+
+
+def test_a_seed_and_unclip_bundle_decodes_through_the_unclip_branch(releases, unclip_folder, photos, tmp_path, capsys):
+    seed_path, reference = releases["mlp"]
+    unclip_path, _ = unclip_folder
+    out = tmp_path / "bundle"
+    assert cli(["bundle", "--preset", "tiny", "--seed-tokenizer", str(seed_path), "--unclip", str(unclip_path),
+                "--output", str(out)]) == 0
+    assert "Stable unCLIP" in capsys.readouterr().out
+    bundle = DualTokenizer.from_pretrained(str(out))
+    assert bundle.diffusion_kind == "unclip"
+    tokens = bundle.tokenize(photos[:2])
+    expected = reference.get_codebook_entry(torch.from_numpy(tokens.semantic.astype(np.int64)))
+    torch.testing.assert_close(bundle.condition(tokens.semantic), expected, atol=1e-4, rtol=1e-4)
+    images = bundle.detokenize(tokens.guide, tokens.semantic, size=64, steps=4, strength=0.5, seed=0)
+    again = bundle.detokenize(tokens.guide, tokens.semantic, size=64, steps=4, strength=0.5, seed=0)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8 and np.array_equal(images, again)
+    assert bundle.generate_from_semantic(tokens.semantic, size=64, steps=4).shape == (2, 64, 64, 3)
+    # an unCLIP UNet cannot take a semantic branch without SEED's image head
+    assert cli(["bundle", "--preset", "tiny", "--unclip", str(unclip_path), "--output", str(tmp_path / "x")]) == 2
+    assert "no image-embedding head" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -239,7 +239,7 @@ class Reconstruct:
         guide = self._guide(v, payload, rows)  # (B, 3, g, g) float in [0, 1]
         if v.kind == "guide-upsampled":
             return to_uint8(resize_float(guide, r.size).clamp(0.0, 1.0)), to_uint8(guide)
-        cond = self.tokenizer.generation_embeddings(semantic)  # (B, 77, D)
+        cond = self.tokenizer.condition(semantic)  # (B, 77, D), or (B, E) for an unCLIP branch
         out = self.tokenizer.part("diffusion").reconstruct(
             guide, cond, size=r.size, steps=r.steps, strength=r.strength, guidance=r.guidance, seed=seed,
             inversion_condition=r.inversion_condition,
