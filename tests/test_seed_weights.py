@@ -254,3 +254,49 @@ def test_a_seed_and_unclip_bundle_decodes_through_the_unclip_branch(releases, un
     # an unCLIP UNet cannot take a semantic branch without SEED's image head
     assert cli(["bundle", "--preset", "tiny", "--unclip", str(unclip_path), "--output", str(tmp_path / "x")]) == 2
     assert "no image-embedding head" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_the_audit_renders_the_same_tokens_through_both_diffusion_kinds(releases, unclip_folder, photos, tmp_path):
+    """audit diffusion_bundles: a SEED bundle with SD's text-conditioned UNet, and the same SEED tokens
+    through the unCLIP UNet, side by side (the audit's Reconstruct stage, as an actor runs it)."""
+    from dualtok.pipelines.actors import BundleSource, StageResources
+    from dualtok.pipelines.audit.pipeline import build_variants, setup_diffusions
+    from dualtok.pipelines.audit.stages import OK, Reconstruct, RenderSettings
+    from dualtok.pipelines.io import schemas as S
+    from tests.released_formats import tiny_stable_diffusion
+
+    seed_path, _ = releases["mlp"]
+    text, extra = tmp_path / "text", tmp_path / "unclip"
+    tiny_stable_diffusion(tmp_path / "sd")
+    for out, flag, folder in ((text, "--stable-diffusion", tmp_path / "sd"), (extra, "--unclip", unclip_folder[0])):
+        assert cli(["bundle", "--preset", "tiny", "--seed-tokenizer", str(seed_path), flag, str(folder),
+                    "--output", str(out)]) == 0
+    main = DualTokenizer.from_pretrained(str(text))
+    diffusions = setup_diffusions(main, {"unclip": BundleSource(str(extra))})
+    variants = build_variants(("dual", "semantic-only"), main, {}, tuple(diffusions))
+    assert [v.name for v in variants] == ["dual", "semantic-only", "dual-unclip", "semantic-only-unclip"]
+
+    render = RenderSettings(size=64, steps=4, strength=0.5, guidance=2.0, seed=0, chunk=2)
+    stage = Reconstruct(BundleSource(str(text)), {}, variants, render, StageResources(),
+                        diffusions={"unclip": BundleSource(str(extra))})
+    tokens = main.tokenize(photos[:2])
+    payload = {S.KEY: np.array(["a", "b"]), "status": np.array([OK, OK]), S.GUIDE_TOKENS: tokens.guide,
+               S.SEMANTIC_TOKENS: tokens.semantic}
+    out = stage._reconstruct("slice-0", payload)
+    unclip = DualTokenizer.from_pretrained(str(extra))
+    np.testing.assert_array_equal(out["recon.dual-unclip"], unclip.detokenize(
+        tokens.guide, tokens.semantic, size=64, steps=4, strength=0.5, guidance=2.0, seed=out_seed(stage)))
+    assert not np.array_equal(out["recon.dual"], out["recon.dual-unclip"])
+    assert out["recon.semantic-only-unclip"].shape == (2, 64, 64, 3)
+
+    other = tmp_path / "other"  # a semantic branch with other weights: its condition is not these tokens'
+    assert cli(["bundle", "--preset", "tiny", "--seed", "1", "--unclip", str(unclip_folder[0]),
+                "--seed-tokenizer", str(releases["qformer"][0]), "--output", str(other)]) == 0
+    with pytest.raises(Exception, match="its semantic branch is not the corpus bundle's"):
+        setup_diffusions(main, {"unclip": BundleSource(str(other))})
+
+
+def out_seed(stage) -> int:
+    from dualtok.pipelines.audit.stages import chunk_seed
+
+    return chunk_seed(stage.render.seed, "slice-0", 0)

@@ -29,6 +29,9 @@ class AuditConfig:
     bundle: str = ""  # bundle path/URI or preset; empty: the bundle the corpus records
     bundle_seed: int | None = None  # weights seed of a preset bundle; None: the corpus's
     guide_bundles: list[str] = field(default_factory=list)  # extra guide branches (16/32/128 px ...) to compare
+    # other diffusion branches (an unCLIP one beside a text one) re-rendering the same tokens: bundles whose
+    # semantic branch is the corpus bundle's; each adds dual-<kind> and semantic-only-<kind>
+    diffusion_bundles: list[str] = field(default_factory=list)
     variants: list[str] = field(default_factory=lambda: list(BASE_VARIANTS))  # dual, semantic-only, guide-upsampled
     sample_size: int | None = None  # corpus rows audited (a seeded sample); default 64 unless sample_fraction
     sample_fraction: float | None = None  # or this share of the corpus's rows
@@ -84,7 +87,7 @@ def _corpus_bundle(config: AuditConfig, options: dict[str, Any]) -> tuple[str, i
 
 
 def plan_from_config(config: AuditConfig) -> AuditPlan:
-    from dualtok.pipelines.audit.pipeline import guide_name  # imports torch and the models
+    from dualtok.pipelines.audit.pipeline import diffusion_name, guide_name  # imports torch and the models
 
     options = config.storage.storage_options()
     spec, seed = _corpus_bundle(config, options) if not config.bundle else (config.bundle, 0)
@@ -96,11 +99,18 @@ def plan_from_config(config: AuditConfig) -> AuditPlan:
         if name in guides:
             raise ConfigError(f"guide_bundles {guides[name].spec} and {guide_spec} both have {name[1:]} px guides")
         guides[name] = source
+    diffusions: dict[str, BundleSource] = {}
+    for diffusion_spec in config.diffusion_bundles:
+        source = BundleSource(diffusion_spec, storage_options=options)
+        name = diffusion_name(source.load(("diffusion",)))
+        if name in diffusions:
+            raise ConfigError(f"diffusion_bundles {diffusions[name].spec} and {diffusion_spec} are both {name} branches")
+        diffusions[name] = source
     size = config.sample_size if config.sample_size is not None or config.sample_fraction is not None \
         else DEFAULT_SAMPLE_SIZE
     return AuditPlan(
         corpus=config.corpus, output=config.output, source=BundleSource(spec, seed=seed, storage_options=options),
-        guides=guides, variants=tuple(config.variants),
+        guides=guides, diffusions=diffusions, variants=tuple(config.variants),
         sample=SampleSpec(size=size, fraction=config.sample_fraction, seed=config.seed), sources=tuple(config.sources),
         render=RenderSettings(size=config.size, steps=config.steps, strength=config.strength,
                               guidance=config.guidance, seed=config.seed,

@@ -55,7 +55,7 @@ def _notes(plan: AuditPlan, slices: int, committed: int) -> list[str]:
 def build_summary(plan: AuditPlan, audit: AuditSetup, sample: pa.Table, table: pa.Table, errors: pa.Table,
                   run_id: str, slices: int, committed: int) -> dict[str, Any]:
     variants = [{"name": v.name, "kind": v.kind, "guide_size": v.guide_size, "num_guide_tokens": v.num_guide_tokens,
-                 "num_semantic_tokens": v.num_semantic_tokens} for v in audit.variants]
+                 "num_semantic_tokens": v.num_semantic_tokens, "diffusion": v.diffusion} for v in audit.variants]
     names = [v["name"] for v in variants]
     primary = "dual" if "dual" in names else names[0]
     report = plan.report

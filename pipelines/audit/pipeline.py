@@ -41,7 +41,7 @@ from dualtok.pipelines.audit.stages import (
     VariantSpec,
     pack,
 )
-from dualtok.pipelines.actors import add_actor_stage
+from dualtok.pipelines.actors import BundleSource, add_actor_stage
 from dualtok.pipelines.io.outputs import new_run_id, parquet_bytes
 from dualtok.pipelines.progress import Progress, format_progress
 from dualtok.pipelines.io.shard_ids import read_input_root
@@ -65,9 +65,10 @@ logger = logging.getLogger(__name__)
 _REASON_WIDTH = 1024  # payload text columns are fixed-width numpy strings (npz without pickle)
 
 
-def build_variants(names: tuple[str, ...], tokenizer: DualTokenizer,
-                   guides: dict[str, DualTokenizer]) -> tuple[VariantSpec, ...]:
-    """The requested variants for the bundle's guide, then dual/upsampled for every extra guide."""
+def build_variants(names: tuple[str, ...], tokenizer: DualTokenizer, guides: dict[str, DualTokenizer],
+                   diffusions: tuple[str, ...] = ()) -> tuple[VariantSpec, ...]:
+    """The requested variants for the bundle's guide, then dual/upsampled for every extra guide, then
+    dual/semantic-only through every extra diffusion branch."""
     unknown = [n for n in names if n not in BASE_VARIANTS]
     if unknown:
         raise DualtokError(f"unknown variant {unknown[0]!r}; variants are {', '.join(BASE_VARIANTS)} "
@@ -86,11 +87,36 @@ def build_variants(names: tuple[str, ...], tokenizer: DualTokenizer,
             out.append(VariantSpec(f"dual-{name}", "dual", name, g, tokens, semantic))
         if "guide-upsampled" in names:
             out.append(VariantSpec(f"guide-upsampled-{name}", "guide-upsampled", name, g, tokens, 0))
+    for name in sorted(diffusions):
+        if "dual" in names:
+            out.append(VariantSpec(f"dual-{name}", "dual", MAIN_GUIDE, size, grid**2, semantic, diffusion=name))
+        if "semantic-only" in names:
+            out.append(VariantSpec(f"semantic-only-{name}", "semantic-only", None, 0, 0, semantic, diffusion=name))
     return tuple(out)
 
 
 def guide_name(guide: DualTokenizer) -> str:
     return f"g{guide.guide_size}"
+
+
+def diffusion_name(bundle: DualTokenizer) -> str:
+    return bundle.diffusion_kind
+
+
+def setup_diffusions(tokenizer: DualTokenizer, sources: dict[str, BundleSource]) -> dict[str, DualTokenizer]:
+    """The extra diffusion branches' bundles (semantic + diffusion parts). Each must hold the corpus
+    bundle's semantic branch: a condition from other weights would not be these tokens' meaning."""
+    own = tokenizer.info.part_hashes["semantic"]
+    loaded = {}
+    for name, source in sources.items():
+        bundle = source.load(("semantic", "diffusion"))
+        if bundle.info.part_hashes["semantic"] != own:
+            raise DualtokError(f"diffusion_bundles {source.spec}: its semantic branch is not the corpus bundle's "
+                               "(other weights): its condition would not be these tokens' meaning")
+        if name == tokenizer.diffusion_kind:
+            raise DualtokError(f"diffusion_bundles {source.spec} is a {name} branch like the bundle's own")
+        loaded[name] = bundle
+    return loaded
 
 
 def _check_corpus_bundle(tokenizer: DualTokenizer, meta: dict[str, Any], spec: str) -> None:
@@ -128,17 +154,24 @@ def setup(plan: AuditPlan) -> AuditSetup:
     tokenizer = plan.source.load(PARTS)
     _check_corpus_bundle(tokenizer, meta, plan.source.spec)
     guides = {name: src.load(("guide",)) for name, src in plan.guides.items()}
-    variants = build_variants(plan.variants, tokenizer, guides)
+    diffusions = setup_diffusions(tokenizer, plan.diffusions)
+    variants = build_variants(plan.variants, tokenizer, guides, tuple(diffusions))
     bundle = {"spec": plan.source.spec, "fingerprint": tokenizer.fingerprint, "preset": tokenizer.info.preset,
               "part_hashes": tokenizer.info.part_hashes, "weights": tokenizer.info.sources,
               "untrained_parts": tokenizer.info.untrained_parts, "guide_size": tokenizer.guide_size,
               "guide_tokens": tokenizer.guide_grid**2, "semantic_tokens": tokenizer.num_semantic_tokens,
               "extra_guides": {n: {"spec": plan.guides[n].spec, "guide_size": g.guide_size,
                                    "guide_tokens": g.guide_grid**2, "hash": g.info.part_hashes["guide"],
-                                   "untrained": bool(g.info.untrained_parts)} for n, g in guides.items()}}
+                                   "untrained": bool(g.info.untrained_parts)} for n, g in guides.items()},
+              "diffusion_kind": tokenizer.diffusion_kind,
+              "extra_diffusions": {n: {"spec": plan.diffusions[n].spec, "hash": d.info.part_hashes["diffusion"],
+                                       "semantic_hash": d.info.part_hashes["semantic"],
+                                       "untrained": "diffusion" in d.info.untrained_parts}
+                                   for n, d in diffusions.items()}}
     settings = {"corpus": plan.corpus, "sample": vars(plan.sample), "slice_size": plan.slice_size,
                 "render": vars(plan.render), "variants": [vars(v) for v in variants],
-                "bundle": {k: bundle[k] for k in ("fingerprint", "extra_guides")}, "weights": vars(plan.weights)}
+                "bundle": {k: bundle[k] for k in ("fingerprint", "extra_guides", "extra_diffusions")},
+                "weights": vars(plan.weights)}
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return AuditSetup(markers, bundle, variants, tokenizer.guide_size, fingerprint, _source_uris(plan, markers))
 
@@ -244,7 +277,10 @@ def _with_expected_hashes(plan: AuditPlan, audit: AuditSetup) -> AuditPlan:
     source = replace(plan.source, expected_hashes=audit.bundle["part_hashes"])
     guides = {n: replace(src, expected_hashes={"guide": audit.bundle["extra_guides"][n]["hash"]})
               for n, src in plan.guides.items()}
-    return replace(plan, source=source, guides=guides)
+    extra = audit.bundle.get("extra_diffusions", {})
+    diffusions = {n: replace(src, expected_hashes={"semantic": extra[n]["semantic_hash"], "diffusion": extra[n]["hash"]})
+                  for n, src in plan.diffusions.items()}
+    return replace(plan, source=source, guides=guides, diffusions=diffusions)
 
 
 def _build_dataset(plan: AuditPlan, audit: AuditSetup, items: list[dict[str, Any]]) -> Any:
@@ -254,7 +290,7 @@ def _build_dataset(plan: AuditPlan, audit: AuditSetup, items: list[dict[str, Any
     ds = ds.map_batches(FetchOriginals(plan.render.size, plan.storage_options), batch_size=1, num_cpus=plan.fetch_cpus)
     # One slice per call: the slice, not Ray's batching, decides which images share a forward pass.
     ds = add_actor_stage(ds, Reconstruct, replace(plan.reconstruct, batch_size=1), source=plan.source,
-                         guides=plan.guides, variants=audit.variants, render=plan.render)
+                         guides=plan.guides, variants=audit.variants, render=plan.render, diffusions=plan.diffusions)
     settings = ScoreSettings(output=plan.output, variants=audit.variants, guide_size=audit.guide_size,
                              weights=plan.weights, learned_batch=plan.score.batch_size,
                              storage_options=plan.storage_options)

@@ -41,6 +41,7 @@ class AuditPlan:
     output: str
     source: BundleSource
     guides: dict[str, BundleSource] = field(hash=False)  # name (g32) -> guide bundle
+    diffusions: dict[str, BundleSource] = field(hash=False)  # kind (unclip, text) -> bundle of another diffusion branch
     variants: tuple[str, ...]
     sample: SampleSpec
     sources: tuple[str, ...]  # source shards; () = each corpus shard's recorded shard_uri

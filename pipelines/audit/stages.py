@@ -62,6 +62,7 @@ class VariantSpec:
     guide_size: int  # 0 without a guide
     num_guide_tokens: int
     num_semantic_tokens: int
+    diffusion: str | None = None  # an extra diffusion branch's name (unclip); None: the bundle's own
 
     @property
     def guide_image(self) -> str | None:
@@ -181,7 +182,8 @@ class Reconstruct:
     """Every variant of every good row of a slice; one DualTokenizer (and extra guides) per actor."""
 
     def __init__(self, source: BundleSource, guides: dict[str, BundleSource], variants: tuple[VariantSpec, ...],
-                 render: RenderSettings, resources: StageResources) -> None:
+                 render: RenderSettings, resources: StageResources,
+                 diffusions: dict[str, BundleSource] | None = None) -> None:
         self.device = pick_device(resources.device)
         self.dtype = pick_dtype(resources.dtype, self.device)
         if self.device.type == "cpu":
@@ -190,6 +192,9 @@ class Reconstruct:
         self.tokenizer = source.load(PARTS).to(self.device, self.dtype)
         used = sorted({v.guide for v in variants if v.guide not in (None, MAIN_GUIDE)})
         self.guides = {name: guides[name].load(("guide",)).to(self.device, self.dtype) for name in used}
+        wanted = sorted({v.diffusion for v in variants if v.diffusion is not None})
+        self.diffusions = {name: (diffusions or {})[name].load(("semantic", "diffusion")).to(self.device, self.dtype)
+                           for name in wanted}
         logger.info("Reconstruct: %s (%s) + %d extra guide(s) on %s/%s", source.spec, self.tokenizer.fingerprint,
                     len(self.guides), self.device, self.dtype)
 
@@ -227,10 +232,11 @@ class Reconstruct:
         """uint8 (B, size, size, 3) reconstructions, and the uint8 guide images they started from."""
         r = self.render
         semantic = payload[S.SEMANTIC_TOKENS][rows]  # (B, 32) uint16
+        renderer = self.tokenizer if v.diffusion is None else self.diffusions[v.diffusion]
         if v.kind == "semantic-only":
-            return self.tokenizer.generate_from_semantic(semantic, size=r.size, steps=r.steps,
-                                                         guidance=r.guidance, seed=seed), None
-        if v.kind == "dual" and v.guide == MAIN_GUIDE:  # exactly the facade's detokenize
+            return renderer.generate_from_semantic(semantic, size=r.size, steps=r.steps,
+                                                   guidance=r.guidance, seed=seed), None
+        if v.kind == "dual" and v.guide == MAIN_GUIDE and v.diffusion is None:  # exactly the facade's detokenize
             guide_ids = payload[S.GUIDE_TOKENS][rows]
             images = self.tokenizer.detokenize(guide_ids, semantic, size=r.size, steps=r.steps, strength=r.strength,
                                                guidance=r.guidance, seed=seed,
@@ -239,8 +245,8 @@ class Reconstruct:
         guide = self._guide(v, payload, rows)  # (B, 3, g, g) float in [0, 1]
         if v.kind == "guide-upsampled":
             return to_uint8(resize_float(guide, r.size).clamp(0.0, 1.0)), to_uint8(guide)
-        cond = self.tokenizer.condition(semantic)  # (B, 77, D), or (B, E) for an unCLIP branch
-        out = self.tokenizer.part("diffusion").reconstruct(
+        cond = renderer.condition(semantic)  # (B, 77, D), or (B, E) for an unCLIP branch
+        out = renderer.part("diffusion").reconstruct(
             guide, cond, size=r.size, steps=r.steps, strength=r.strength, guidance=r.guidance, seed=seed,
             inversion_condition=r.inversion_condition,
         )  # (B, 3, size, size)

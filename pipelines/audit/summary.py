@@ -110,7 +110,7 @@ def ablation_points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     points = []
     for entry in summaries:
         psnr = entry["metrics"].get(S.PSNR)
-        if psnr is None or psnr["mean"] is None:
+        if psnr is None or psnr["mean"] is None or entry.get("diffusion"):  # the ablation is the bundle's own branch
             continue
         series = "guide upsampled" if entry["kind"] == "guide-upsampled" else "diffusion re-render"
         points.append({"series": series, "variant": entry["name"], "guide_tokens": entry["num_guide_tokens"],
