@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 
 import numpy as np
@@ -263,3 +264,34 @@ def test_cpu_node_resources_fill_the_machine_without_oversubscribing_it(cpus):
         assert (encoder.actors, encoder.torch_threads) == (cpus, 1)
     else:  # each actor holds both branches: memory caps the count, more threads use the rest
         assert encoder.actors == 4 and encoder.actors * encoder.torch_threads >= cpus - 1
+
+
+def test_marker_index_saves_reads_but_the_markers_stay_the_truth(tmp_path, caplog):
+    """A run reads only the markers whose listed version its index lacks; a rewritten, new or deleted
+    marker, or a damaged index, still gives exactly the markers on the store."""
+    from dualtok.pipelines.io.corpus import MARKER_INDEX, MARKERS_DIR, CorpusLayout
+
+    layout = CorpusLayout(str(tmp_path / "corpus"), 4, 2, {})
+    out = layout.folder()
+    markers = {f"s{i}": {"shard": f"s{i}", "rows": i} for i in range(5)}
+    for sid, marker in markers.items():
+        out.write_json(marker, MARKERS_DIR, f"{sid}.json")
+    assert layout.committed() == markers
+    assert layout.compact_markers(markers) == 5
+    # the index serves unchanged markers: an entry edited in the index (only) shows through
+    index = out.read_json_gz(MARKER_INDEX)
+    index["markers"]["s1.json"]["marker"]["rows"] = 99
+    out.write(gzip.compress(json.dumps(index).encode()), MARKER_INDEX)
+    assert layout.committed()["s1"]["rows"] == 99
+    # ...but a marker rewritten on the store, a new one and a deleted one are read from the store
+    out.write_json({"shard": "s2", "rows": 22}, MARKERS_DIR, "s2.json")
+    out.write_json({"shard": "s5", "rows": 5}, MARKERS_DIR, "s5.json")
+    (tmp_path / "corpus" / MARKERS_DIR / "s4.json").unlink()
+    found = layout.committed()
+    assert sorted(found) == ["s0", "s1", "s2", "s3", "s5"] and found["s2"]["rows"] == 22 and found["s5"]["rows"] == 5
+    # a damaged index is ignored, not trusted
+    out.write(b"not gzip", MARKER_INDEX)
+    with caplog.at_level("WARNING"):
+        assert layout.committed() == {**{k: v for k, v in markers.items() if k != "s4"},
+                                      "s2": {"shard": "s2", "rows": 22}, "s5": {"shard": "s5", "rows": 5}}
+    assert "ignoring the unreadable index" in caplog.text

@@ -6,7 +6,9 @@ Layout under the output URI:
     _committed/<shard-id>.json     written last: the shard is done (counts, bundle, passthrough columns,
                                    files, and the size and version of the input read: a changed input
                                    is redone)
-    manifest.json                  the latest run's resolved config, versions, totals
+    _committed_index.json.gz       the markers compacted at the end of each run (a cache: a run reads only
+                                   the markers whose listed version differs from it)
+    manifest.json                  the latest run's resolved config, versions, totals (not per shard)
     runs/<run-id>.json             every run's manifest, kept
 A shard without a marker is not done; a rerun rewrites its files under the same names, so the
 corpus never holds a sample twice.
@@ -30,6 +32,7 @@ from dualtok.pipelines.io.storage import StorageFault, join
 logger = logging.getLogger(__name__)
 
 DATA_DIR, ERRORS_DIR, MARKERS_DIR, RUNS_DIR = "data", "errors", "_committed", "runs"
+MARKER_INDEX = "_committed_index.json.gz"
 # Token columns are incompressible ids: dictionary encoding only adds bytes, zstd keeps them ~raw.
 # Passthrough columns (licences repeat) are dictionary-encoded too; pyarrow falls back where it does not pay.
 _DICTIONARY_COLUMNS = [S.KEY, S.SHARD, S.CAPTION]
@@ -130,8 +133,12 @@ class CorpusLayout:
         return OutputFolder(self.output, self.storage_options)
 
     def committed(self) -> dict[str, dict[str, Any]]:
-        """Markers of the shards already done: shard id -> marker."""
-        return self.folder().markers(MARKERS_DIR, "shard")
+        """Markers of the shards already done: shard id -> marker (one listing; see `OutputFolder.markers`)."""
+        return self.folder().markers(MARKERS_DIR, "shard", index=MARKER_INDEX)
+
+    def compact_markers(self, committed: dict[str, dict[str, Any]]) -> int:
+        """Rewrite the marker index from `committed` (every marker the caller knows is on the store)."""
+        return self.folder().write_marker_index(MARKERS_DIR, MARKER_INDEX, committed, "shard")
 
 
 class CorpusWriter:

@@ -6,8 +6,10 @@ reason. The token corpus (`io/corpus.py`), an audit (`audit/plan.py`) and a trai
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import logging
 import platform
 import time
 import uuid
@@ -19,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dualtok.pipelines.io.storage import commit_bytes, filesystem, join
+
+logger = logging.getLogger(__name__)
 
 
 def new_run_id() -> str:
@@ -102,11 +106,66 @@ class OutputFolder:
         path = self.path(*parts)
         return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
 
-    def markers(self, folder: str, key: str) -> dict[str, dict[str, Any]]:
-        """Every JSON marker under `folder`, by its `key` field (a shard's or a slice's id)."""
+    def markers(self, folder: str, key: str, index: str | None = None) -> dict[str, dict[str, Any]]:
+        """Every JSON marker under `folder`, by its `key` field (a shard's or a slice's id).
+
+        One listing (paginated: ~1 request per 1000 markers) gives every marker's size and version
+        (ETag, or mtime on a local disk). With `index`, a compacted copy of the markers as a run left
+        them (`write_marker_index`), only markers whose listed version the index does not hold are
+        read; the rest are read concurrently (`fs.cat` on a list: s3fs batches the GETs). The
+        markers stay the truth: the index only saves reading ones that did not change."""
+        _, found = self._markers(folder, index)
+        return {marker[key]: marker for marker in found.values()}
+
+    def _markers(self, folder: str, index: str | None) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+        """(relative path -> listed version, relative path -> marker) of the markers under `folder`."""
         self.fs.invalidate_cache()
         root = self.path(folder)
         if not self.fs.exists(root):
-            return {}
-        found = (json.loads(self.fs.cat_file(p)) for p in self.fs.find(root) if p.endswith(".json"))
-        return {marker[key]: marker for marker in found}
+            return {}, {}
+        listed = {_relative(path, root): _version(info) for path, info in self.fs.find(root, detail=True).items()
+                  if path.endswith(".json")}
+        cached = (self.read_json_gz(index) or {}).get("markers", {}) if index else {}
+        known = {rel: entry["marker"] for rel, entry in cached.items() if listed.get(rel) == entry.get("version")}
+        fetch = [f"{root}/{rel}" for rel in listed if rel not in known]
+        bodies = self.fs.cat(fetch) if fetch else {}
+        read = {_relative(path, root): json.loads(body) for path, body in bodies.items()}
+        return listed, {**known, **read}
+
+    def write_marker_index(self, folder: str, index: str, markers: Mapping[str, dict[str, Any]],
+                           key: str) -> int:
+        """Compact the markers under `folder` into `index` (gzip JSON): each listed marker's version and
+        content, the content taken from `markers` (id -> marker, what the caller knows is committed)
+        where it has the id, else left out (read from the store next time). Returns the markers kept."""
+        self.fs.invalidate_cache()
+        root = self.path(folder)
+        listing = self.fs.find(root, detail=True) if self.fs.exists(root) else {}
+        entries = {}
+        for path, info in listing.items():
+            rel = _relative(path, root)
+            marker = markers.get(rel.removesuffix(".json"))
+            if path.endswith(".json") and marker is not None and marker.get(key) == rel.removesuffix(".json"):
+                entries[rel] = {"version": _version(info), "marker": marker}
+        body = json.dumps({"format": 1, "folder": folder, "markers": entries}, separators=(",", ":")).encode()
+        self.write(gzip.compress(body, compresslevel=6, mtime=0), index)
+        return len(entries)
+
+    def read_json_gz(self, *parts: str) -> Any | None:
+        """The gzip JSON object at `parts`, or None when there is none or it cannot be read (an index
+        is a cache: a damaged one is ignored, and rebuilt by the next run)."""
+        path = self.path(*parts)
+        try:
+            return json.loads(gzip.decompress(self.fs.cat_file(path))) if self.fs.exists(path) else None
+        except (OSError, EOFError, ValueError) as err:
+            logger.warning("ignoring the unreadable index %s: %s", path, err)
+            return None
+
+
+def _relative(path: str, root: str) -> str:
+    return path[len(root.rstrip("/")) + 1 :] if path.startswith(root.rstrip("/") + "/") else path
+
+
+def _version(info: Mapping[str, Any]) -> str:
+    """What changes when an object is rewritten: its size and its ETag (object stores) or mtime (disks)."""
+    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get("created")
+    return f"{info.get('size')}:{stamp}"

@@ -28,7 +28,7 @@ import numpy as np
 
 from dualtok.pipelines.config import ConfigError
 from dualtok.pipelines.io import schemas as S
-from dualtok.pipelines.io.corpus import RUNS_DIR, CorpusLayout, CorpusWriter
+from dualtok.pipelines.io.corpus import MARKER_INDEX, MARKERS_DIR, RUNS_DIR, CorpusLayout, CorpusWriter
 from dualtok.pipelines.io.shard_ids import assign_shard_ids, normalize_root
 from dualtok.pipelines.io.decode import DecodeConfig
 from dualtok.pipelines.io.lease import Lease, LeaseConfig
@@ -38,7 +38,7 @@ from dualtok.pipelines.io.parquet_shards import ParquetColumns
 from dualtok.pipelines.io.read import DecodeImages, ReadShards, add_read_stage
 from dualtok.pipelines.io.shards import ShardLimits
 from dualtok.pipelines.actors import BundleSource, StageResources, add_actor_stage
-from dualtok.pipelines.io.storage import ShardObject, list_shard_objects
+from dualtok.pipelines.io.storage import ShardObject, StorageFault, list_shard_objects
 
 logger = logging.getLogger(__name__)
 
@@ -130,22 +130,25 @@ ProgressCallback = Callable[[Progress], None]
 
 
 def run_tokenize(plan: TokenizePlan, shards: list[ShardObject] | None = None,
-                 progress: ProgressCallback | None = None) -> RunSummary:
+                 progress: ProgressCallback | None = None, *, _encoder_stage: type | None = None) -> RunSummary:
     """Tokenize every input shard not yet committed under `plan.output`, holding the output's lease
     (`dualtok.pipelines.io.lease`) from start to end: a second run on the same output fails at once, naming this one.
     `shards` is the inputs' listing when the caller already made it (the job lists before Ray starts,
     to fail fast on a wrong path); None lists them here. `progress` (a terminal's progress line) is
-    called after every batch; without it each committed shard is logged at INFO with the rate and ETA."""
+    called after every batch; without it each committed shard is logged at INFO with the rate and ETA.
+    `_encoder_stage` replaces `EncodeTokens` for `benchmarks/scale.py`'s stand-in, which takes the model
+    cost out; no config or command reaches it."""
     started = time.monotonic()
     run_id = new_run_id()
     if shards is None:
         shards = list_shard_objects(plan.inputs, plan.storage_options or None)
     with Lease(plan.output, run_id, plan.lease, plan.storage_options or None) as lease:
-        return _run_held(plan, shards, run_id, lease, started, progress)
+        return _run_held(plan, shards, run_id, lease, started, progress, _encoder_stage)
 
 
 def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease: Lease,
-              started: float, progress: ProgressCallback | None = None) -> RunSummary:
+              started: float, progress: ProgressCallback | None = None,
+              encoder_stage: type | None = None) -> RunSummary:
     """The run, while it holds the output's lease; every shard commit checks the lease first."""
     import ray
 
@@ -168,7 +171,7 @@ def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease:
         if not ray.is_initialized():
             ray.init()
         _warn_if_starved(plan.required_cpus)
-        dataset = _build_dataset(plan, [(sid, ids[sid]) for sid in pending])
+        dataset = _build_dataset(plan, [(sid, ids[sid]) for sid in pending], encoder_stage)
         _drain(dataset, writer, total=len(pending), progress=progress)
     summary = RunSummary(
         output=plan.output, shards_total=len(ids), shards_skipped=len(skipped), shards_committed=len(writer.done),
@@ -179,7 +182,14 @@ def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease:
         samples=sum(m["samples"] for m in writer.done.values()), errors_by_reason=_errors_by_reason(writer.done),
     )
     lease.guard()  # the manifest describes this run's corpus: only while the run still holds the output
-    _write_manifest(plan, layout, run_id, summary, info)
+    # the corpus now: the markers read at the start, less those redone this run, plus this run's commits
+    # (the run holds the output's lease: nobody else wrote markers meanwhile)
+    corpus = {**committed, **writer.done}
+    _write_manifest(plan, layout, run_id, summary, info, corpus)
+    try:
+        layout.compact_markers(corpus)
+    except StorageFault as fault:  # the index is a cache: the next run reads the markers themselves
+        logger.warning("could not write the marker index (the next run reads every marker): %s", fault)
     return summary
 
 
@@ -267,7 +277,7 @@ def _check_bundle(committed: dict[str, dict[str, Any]], fingerprint: str, policy
         )
 
 
-def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]]) -> Any:
+def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]], encoder_stage: type | None = None) -> Any:
     import ray
     from ray.data import ExecutionResources
 
@@ -284,7 +294,7 @@ def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]]) -> Any:
     ds = add_read_stage(ds, read, DecodeImages(plan.decode), num_cpus=plan.read_cpus, max_actors=plan.read_actors)
     from dualtok.pipelines.tokenize.encode import EncodeTokens  # torch and the models: the actors' imports
 
-    ds = add_actor_stage(ds, EncodeTokens, plan.encoder, source=plan.source, streams=plan.parts)
+    ds = add_actor_stage(ds, encoder_stage or EncodeTokens, plan.encoder, source=plan.source, streams=plan.parts)
     # Decoding is ~100x cheaper than encoding on CPU; left to Ray Data's default budget (half the
     # object store) the read actors race through the whole input ahead of the encoders, and the
     # session's memory grows with the input. This dataset's own context caps it.
@@ -316,8 +326,13 @@ def _drain(dataset: Any, writer: CorpusWriter, total: int, progress: ProgressCal
 
 
 def _write_manifest(plan: TokenizePlan, layout: CorpusLayout, run_id: str, summary: RunSummary,
-                    info: dict[str, Any]) -> None:
-    markers = layout.committed()
+                    info: dict[str, Any], markers: dict[str, dict[str, Any]]) -> None:
+    """The run's record: totals over the corpus, never one entry per shard (a corpus of 10^5 shards
+    would rewrite megabytes per run; the markers and their index enumerate)."""
+    bundles: dict[str, int] = {}
+    for marker in markers.values():
+        fingerprint = str(marker.get("bundle_fingerprint"))
+        bundles[fingerprint] = bundles.get(fingerprint, 0) + 1
     manifest = {
         "run_id": run_id, "kind": "tokenize", "config": plan.resolved_config, "versions": package_versions(),
         "bundle": info,
@@ -329,8 +344,8 @@ def _write_manifest(plan: TokenizePlan, layout: CorpusLayout, run_id: str, summa
                    "errors": sum(m["errors"] for m in markers.values()),
                    "samples": sum(m["samples"] for m in markers.values()),
                    "bundles": sorted({m.get("bundle_fingerprint") for m in markers.values()}),
-                   "per_shard": {sid: {k: m[k] for k in ("samples", "rows", "errors", "bundle_fingerprint")}
-                                 for sid, m in sorted(markers.items())}},
+                   "shards_by_bundle": dict(sorted(bundles.items())),
+                   "markers": f"{MARKERS_DIR}/<shard>.json (compacted in {MARKER_INDEX})"},
     }
     out = layout.folder()
     out.write_json(manifest, RUNS_DIR, f"{run_id}.json")
