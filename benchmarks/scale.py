@@ -49,10 +49,11 @@ ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "A
 class StandInEncoder:
     """BENCHMARK STAND-IN for `EncodeTokens`: the same columns in and out, all-zero ids, no model."""
 
-    def __init__(self, source, resources, streams) -> None:
+    def __init__(self, source, resources, streams, parts=None) -> None:
         from dualtok.pipelines.io import schemas as S
 
         self.S = S
+        self.parts = parts  # the run's part files, written here as `EncodeTokens` writes them
         self.lengths = {"guide": 64, "semantic": 32}
         self.columns = {"guide": S.GUIDE_TOKENS, "semantic": S.SEMANTIC_TOKENS}
         self.streams = tuple(streams)
@@ -63,7 +64,7 @@ class StandInEncoder:
         out = {k: v for k, v in batch.items() if k not in (S.IMAGE, S.SEMANTIC_IMAGE)}
         for stream in self.streams:
             out[self.columns[stream]] = np.zeros((n, self.lengths[stream]), dtype=np.uint16)
-        return S.inflight_table(out)
+        return S.inflight_table(self.parts(out) if self.parts is not None else out)
 
 
 @contextlib.contextmanager

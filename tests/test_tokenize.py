@@ -295,3 +295,68 @@ def test_marker_index_saves_reads_but_the_markers_stay_the_truth(tmp_path, caplo
         assert layout.committed() == {**{k: v for k, v in markers.items() if k != "s4"},
                                       "s2": {"shard": "s2", "rows": 22}, "s5": {"shard": "s5", "rows": 5}}
     assert "ignoring the unreadable index" in caplog.text
+
+
+class _InlineTasks:
+    """`PartCommits`' tasks run at once in this process (the pipeline runs them as Ray tasks)."""
+
+    def __init__(self):
+        self.results = {}
+
+    def submit(self, fn, *args):
+        handle = len(self.results)
+        self.results[handle] = fn(*args)
+        return handle
+
+    def ready(self, handles, wait):
+        return list(handles)
+
+    def result(self, handle):
+        return self.results.pop(handle)
+
+
+def test_token_rows_committed_from_part_files_equal_an_in_process_commit(tmp_path):
+    """The driver sees part names, errors and END rows only; the commit task's files are what the
+    in-process writer writes from the same rows, re-delivered batches and a retried index included."""
+    from dualtok.pipelines.io.corpus import CorpusLayout, CorpusWriter
+    from dualtok.pipelines.io.token_parts import PARTS_DIR, PartCommits, TokenParts
+
+    batches = [_writer_batch([(S.SAMPLE, "a", 2), (S.ERROR, "a", 1)]),
+               _writer_batch([(S.SAMPLE, "a", 2), (S.ERROR, "a", 1)]),  # re-delivered
+               _writer_batch([(S.SAMPLE, "a", 0), (S.SAMPLE, "a", 1), (S.ERROR, "a", 3), (S.SAMPLE, "b", 0)]),
+               _writer_batch([(S.END, "a", -1), (S.END, "b", -1), (S.ERROR, "c", 0), (S.END, "c", -1)],
+                             {"a": 4, "b": 1, "c": 1})]
+    direct = CorpusWriter(CorpusLayout(str(tmp_path / "direct"), 4, 2, {"bundle_fingerprint": "f0"}), {}, "run-1")
+    for batch in batches:
+        direct.add(batch)
+    layout = CorpusLayout(str(tmp_path / "parts"), 4, 2, {"bundle_fingerprint": "f0"})
+    parts, commits = TokenParts(layout, "run-1"), PartCommits(layout, {}, "run-1", _InlineTasks())
+    slim = [S.inflight_columns(S.inflight_table(parts(batch))) for batch in batches]  # as Ray hands them over
+    assert all(S.GUIDE_TOKENS not in b and S.SAMPLE not in b[S.ROW_KIND] for b in slim)  # no token row
+    assert slim[1][S.PART_FILE].tolist() == slim[0][S.PART_FILE].tolist()  # same rows, same part file
+    markers = [m for b in slim for m in commits.add(b)] + commits.finish()
+    assert sorted(m["shard"] for m in markers) == sorted(direct.done) == ["a", "b", "c"]
+    for shard in ("a", "b", "c"):
+        for folder in ("data", "errors"):
+            assert pq.read_table(tmp_path / "parts" / folder / f"{shard}.parquet").equals(
+                pq.read_table(tmp_path / "direct" / folder / f"{shard}.parquet"))
+        written = json.loads((tmp_path / "parts" / "_committed" / f"{shard}.json").read_text())
+        ignore = ("seconds", "committed_at")
+        assert {k: v for k, v in written.items() if k not in ignore} == \
+            {k: v for k, v in direct.done[shard].items() if k not in ignore}
+    assert not (tmp_path / "parts" / PARTS_DIR / "run-1" / "a").exists()  # parts removed once committed
+
+    # a shard whose rows do not add up is not committed; nor is one whose part the store lost
+    bad = PartCommits(layout, {}, "run-2", _InlineTasks())
+    parts2 = TokenParts(layout, "run-2")
+    bad.add(S.inflight_columns(S.inflight_table(parts2(_writer_batch([(S.SAMPLE, "d", 0), (S.SAMPLE, "d", 2)])))))
+    lost = S.inflight_columns(S.inflight_table(parts2(_writer_batch([(S.SAMPLE, "e", 0)]))))
+    for path in (tmp_path / "parts" / PARTS_DIR / "run-2" / "e").iterdir():
+        path.unlink()
+    bad.add(lost)
+    bad.add(S.inflight_columns(S.inflight_table(parts2(_writer_batch([(S.END, "d", -1), (S.END, "e", -1)],
+                                                                     {"d": 2, "e": 1})))))
+    bad.finish()
+    assert sorted(bad.failed) == ["d", "e"] and not bad.done
+    assert bad.failed["d"].startswith("read: rows + errors (2 + 0) do not account for the 2 samples")
+    assert bad.failed["e"].startswith("storage: reading token parts failed")

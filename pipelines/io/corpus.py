@@ -150,8 +150,9 @@ class CorpusWriter:
     """
 
     def __init__(self, layout: CorpusLayout, shard_uris: dict[str, str], run_id: str,
-                 guard: Callable[[], None] | None = None) -> None:
+                 guard: Callable[[], None] | None = None, write_marker: bool = True) -> None:
         self.layout = layout
+        self.write_marker = write_marker  # False: a commit task writes the files, its caller the marker
         self.guard = guard  # called before each commit; raises to stop the run (a lost output lease)
         self.shard_uris = shard_uris
         self.run_id = run_id
@@ -211,7 +212,8 @@ class CorpusWriter:
     def _write(self, shard: str, data: bytes, errors: bytes, marker: dict[str, Any]) -> None:
         for directory, body in ((DATA_DIR, data), (ERRORS_DIR, errors)):
             self.out.write(body, directory, f"{shard}.parquet")
-        self.out.write(json.dumps(marker, indent=1).encode(), MARKERS_DIR, f"{shard}.json")  # last: the commit
+        if self.write_marker:
+            write_marker(self.out, marker)  # last: the commit
 
     def _marker(self, shard: str, pending: _PendingShard, rows: int, errors: list[dict[str, Any]],
                 data_bytes: int) -> dict[str, Any]:
@@ -236,6 +238,10 @@ class CorpusWriter:
             self.storage_retries[shard] = pending.source.get("storage_retries", 0)
         self.failed[shard] = reason
         logger.warning("shard %s failed this run, not committed (the next run redoes it): %s", shard, reason)
+
+
+def write_marker(out: OutputFolder, marker: dict[str, Any]) -> None:
+    out.write(json.dumps(marker, indent=1).encode(), MARKERS_DIR, f"{marker['shard']}.json")
 
 
 def _text_or_none(value: Any) -> str | None:

@@ -37,6 +37,11 @@ SHARD_URI = "shard_uri"
 # be read to its end): the writer drops its rows and does not commit it; the next run redoes it.
 SHARD_BYTES, SHARD_VERSION, SHARD_RETRIES = "shard_bytes", "shard_version", "shard_retries"
 SAMPLE, ERROR, END = 0, 1, 2
+# After the encoder a shard's SAMPLE rows are written to part files where they were encoded; the
+# driver gets one PART row per file instead (its name and row count), or, when the store refused
+# the write, one with the REASON: the shard fails this run. Only ERROR, END and PART rows reach it.
+PART = 3
+PART_FILE, PART_ROWS = "part_file", "part_rows"
 
 IMAGE_BYTES = "image_bytes"  # the sample's image member, from the read stage to the decode stage
 # A passthrough field travels as "source:<name>" (a string), so that no field name can meet an
@@ -53,17 +58,22 @@ STAGE_STORAGE = "storage"  # on a failed shard's END row: the store, not the dat
 #   read:    ROW_KIND KEY SHARD INDEX CAPTION IMAGE_BYTES STAGE REASON SHARD_SAMPLES SHARD_BYTES SHARD_VERSION SHARD_RETRIES,
 #            and a passthrough_column per passthrough field
 #   decode:  the read columns less IMAGE_BYTES, plus IMAGE WIDTH HEIGHT (and SEMANTIC_IMAGE)
-#   encode:  the decode columns less IMAGE and SEMANTIC_IMAGE, plus the token column of each stream
+#   encode:  the decode columns less IMAGE and SEMANTIC_IMAGE, plus the token column of each stream; then
+#            (`corpus.TokenParts`, in the encoder's process) SAMPLE rows become part files and PART rows
+#            (PART_FILE, PART_ROWS), and the token columns stop there
 INFLIGHT_TYPES: dict[str, pa.DataType] = {
     SHARD_URI: pa.string(), ROW_KIND: pa.int8(), KEY: pa.string(), SHARD: pa.string(), INDEX: pa.int64(),
     CAPTION: pa.string(), IMAGE_BYTES: pa.large_binary(),  # large: a block may pass 2 GiB of members
     STAGE: pa.string(), REASON: pa.string(), SHARD_SAMPLES: pa.int64(), SHARD_BYTES: pa.int64(),
     SHARD_VERSION: pa.string(), SHARD_RETRIES: pa.int32(), WIDTH: pa.int32(), HEIGHT: pa.int32(),
+    PART_FILE: pa.string(), PART_ROWS: pa.int64(),
 }
 # (N, ...) arrays travel as Arrow's fixed-shape tensor (stored as a fixed-size list of the element
 # type), which Ray Data hands to the next stage as one (N, ...) ndarray. The shape comes from the
 # array: IMAGE (N, S, S, 3) uint8, token columns (N, length) uint16.
-INFLIGHT_TENSORS: dict[str, pa.DataType] = {IMAGE: pa.uint8(), SEMANTIC_IMAGE: pa.uint8(), GUIDE_TOKENS: pa.uint16(), SEMANTIC_TOKENS: pa.uint16()}
+INFLIGHT_TENSORS: dict[str, pa.DataType] = {
+    IMAGE: pa.uint8(), SEMANTIC_IMAGE: pa.uint8(), GUIDE_TOKENS: pa.uint16(), SEMANTIC_TOKENS: pa.uint16(),
+}
 
 
 def passthrough_column(name: str) -> str:

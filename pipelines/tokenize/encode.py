@@ -1,7 +1,8 @@
 """The tokenize pipeline's model stage: decoded images -> guide and/or semantic token columns.
 
 Works without Ray (tests call it directly); `add_actor_stage` puts it on a dataset as an actor
-pool. Rows are SAMPLE, ERROR or END (see `io/schemas.py`); the encoder touches SAMPLE rows only.
+pool. Rows are SAMPLE, ERROR or END (see `io/schemas.py`); the encoder touches SAMPLE rows only,
+and in a run (`parts`) writes them to the run's part files in its own process (`io/token_parts.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from dualtok.pipelines.actors import BundleSource, StageResources, pick_device, pick_dtype
 from dualtok.pipelines.io import schemas as S
+from dualtok.pipelines.io.token_parts import TokenParts
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +30,13 @@ class EncodeTokens:
     instead of by a guess of the branches' relative cost. Only SAMPLE rows are encoded.
     """
 
-    def __init__(self, source: BundleSource, resources: StageResources, streams: tuple[str, ...]) -> None:
+    def __init__(self, source: BundleSource, resources: StageResources, streams: tuple[str, ...],
+                 parts: TokenParts | None = None) -> None:
         unknown = sorted(set(streams) - set(_STREAM_COLUMNS))
         if unknown or not streams:
             raise ValueError(f"streams must be a non-empty subset of {sorted(_STREAM_COLUMNS)}, got {streams}")
         self.streams = tuple(streams)
+        self.parts = parts  # the run's part files: SAMPLE rows are written here and go no further
         self.device = pick_device(resources.device)
         self.dtype = pick_dtype(resources.dtype, self.device)
         if self.device.type == "cpu":
@@ -56,4 +60,4 @@ class EncodeTokens:
             if len(rows):
                 tokens[rows] = self.encoders[stream](images[stream])  # (N, length) uint16
             out[_STREAM_COLUMNS[stream]] = tokens
-        return S.inflight_table(out)
+        return S.inflight_table(self.parts(out) if self.parts is not None else out)

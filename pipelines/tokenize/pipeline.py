@@ -2,12 +2,15 @@
 token corpus, exactly once.
 
     shard URIs (pending only) -> ReadAndDecode (a pool of torch-free CPU actors, one shard per call)
-      -> EncodeTokens (actor pool; each actor holds the guide and/or semantic branch)
-      -> driver: CorpusWriter commits each shard whole once all its samples are accounted for.
+      -> EncodeTokens (actor pool; each actor holds the guide and/or semantic branch, and writes its
+         token rows to the run's part files, `io/token_parts.py`)
+      -> driver: PartCommits learns each shard's part files, ERROR rows and END row; once they
+         account for its samples a task commits it whole (CorpusWriter), then the driver writes its marker.
 
 Decoded images cross the object store once, from a read actor into an encoder actor, and the bytes
 in flight are capped (`prefetch_batches` per actor), so memory stays flat however large the input.
-Only token rows (a few hundred bytes an image) reach the driver. The unit of work and of commit is
+No token row reaches the driver: only part names and counts, error rows and one END row per shard
+(docs/scale.md: the driver's cost per image before and after). The unit of work and of commit is
 the input shard: a rerun skips committed shards, picks up new ones, and redoes any shard a crash
 left uncommitted, that failed (a store fault that outlived the retries, a shard that cannot be read to
 its end: `RunSummary.shards_failed`, never committed), or whose input changed since its commit.
@@ -28,7 +31,8 @@ import numpy as np
 
 from dualtok.pipelines.config import ConfigError
 from dualtok.pipelines.io import schemas as S
-from dualtok.pipelines.io.corpus import MARKER_INDEX, MARKERS_DIR, RUNS_DIR, CorpusLayout, CorpusWriter
+from dualtok.pipelines.io.corpus import MARKER_INDEX, MARKERS_DIR, RUNS_DIR, CorpusLayout
+from dualtok.pipelines.io.token_parts import PartCommits, TokenParts
 from dualtok.pipelines.io.shard_ids import assign_shard_ids, normalize_root
 from dualtok.pipelines.io.decode import DecodeConfig
 from dualtok.pipelines.io.lease import Lease, LeaseConfig
@@ -166,25 +170,34 @@ def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease:
     if plan.max_shards is not None:
         pending = pending[: plan.max_shards]
     logger.info("%d input shards: %d already committed, %d to do", len(ids), len(skipped), len(pending))
-    writer = CorpusWriter(layout, {sid: ids[sid] for sid in pending}, run_id, guard=lease.guard)
+    writer = None
     if pending:
         if not ray.is_initialized():
             ray.init()
         _warn_if_starved(plan.required_cpus)
-        dataset = _build_dataset(plan, [(sid, ids[sid]) for sid in pending], encoder_stage)
-        _drain(dataset, writer, total=len(pending), progress=progress)
+        writer = PartCommits(layout, {sid: ids[sid] for sid in pending}, run_id, RayTasks(), guard=lease.guard,
+                             max_inflight=max(8, 2 * (plan.encoder.max_actors or plan.encoder.actors)))
+        writer.clear(all_runs=True)  # parts a dead run left: this run holds the lease, they are nobody's
+        parts = TokenParts(layout, run_id)
+        dataset = _build_dataset(plan, [(sid, ids[sid]) for sid in pending], parts, encoder_stage)
+        try:
+            _drain(dataset, writer, total=len(pending), progress=progress)
+        finally:
+            writer.clear()
+    done, failed = (writer.done, writer.failed) if writer is not None else ({}, {})
+    retries = writer.storage_retries if writer is not None else {}
     summary = RunSummary(
-        output=plan.output, shards_total=len(ids), shards_skipped=len(skipped), shards_committed=len(writer.done),
-        images=sum(m["rows"] for m in writer.done.values()), errors=sum(m["errors"] for m in writer.done.values()),
+        output=plan.output, shards_total=len(ids), shards_skipped=len(skipped), shards_committed=len(done),
+        images=sum(m["rows"] for m in done.values()), errors=sum(m["errors"] for m in done.values()),
         seconds=time.monotonic() - started, bundle_fingerprint=info["bundle_fingerprint"],
-        untrained_parts=info["untrained_parts"], shards_failed=dict(sorted(writer.failed.items())),
-        storage_retries=sum(writer.storage_retries.values()),
-        samples=sum(m["samples"] for m in writer.done.values()), errors_by_reason=_errors_by_reason(writer.done),
+        untrained_parts=info["untrained_parts"], shards_failed=dict(sorted(failed.items())),
+        storage_retries=sum(retries.values()),
+        samples=sum(m["samples"] for m in done.values()), errors_by_reason=_errors_by_reason(done),
     )
     lease.guard()  # the manifest describes this run's corpus: only while the run still holds the output
     # the corpus now: the markers read at the start, less those redone this run, plus this run's commits
     # (the run holds the output's lease: nobody else wrote markers meanwhile)
-    corpus = {**committed, **writer.done}
+    corpus = {**committed, **done}
     _write_manifest(plan, layout, run_id, summary, info, corpus)
     try:
         layout.compact_markers(corpus)
@@ -277,7 +290,8 @@ def _check_bundle(committed: dict[str, dict[str, Any]], fingerprint: str, policy
         )
 
 
-def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]], encoder_stage: type | None = None) -> Any:
+def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]], parts: TokenParts,
+                   encoder_stage: type | None = None) -> Any:
     import ray
     from ray.data import ExecutionResources
 
@@ -294,7 +308,8 @@ def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]], encoder_st
     ds = add_read_stage(ds, read, DecodeImages(plan.decode), num_cpus=plan.read_cpus, max_actors=plan.read_actors)
     from dualtok.pipelines.tokenize.encode import EncodeTokens  # torch and the models: the actors' imports
 
-    ds = add_actor_stage(ds, encoder_stage or EncodeTokens, plan.encoder, source=plan.source, streams=plan.parts)
+    ds = add_actor_stage(ds, encoder_stage or EncodeTokens, plan.encoder, source=plan.source, streams=plan.parts,
+                         parts=parts)
     # Decoding is ~100x cheaper than encoding on CPU; left to Ray Data's default budget (half the
     # object store) the read actors race through the whole input ahead of the encoders, and the
     # session's memory grows with the input. This dataset's own context caps it.
@@ -303,15 +318,16 @@ def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]], encoder_st
     return ds
 
 
-def _drain(dataset: Any, writer: CorpusWriter, total: int, progress: ProgressCallback | None = None) -> None:
-    """Hand every batch to the writer; report progress per batch (`progress`) or per commit (the log).
-    Images count the sample rows as they arrive (a re-delivered batch counts twice here, never in the
-    summary, which counts committed rows)."""
+def _drain(dataset: Any, writer: PartCommits, total: int, progress: ProgressCallback | None = None) -> None:
+    """Hand every batch (ERROR, END and PART rows: the token rows stay in their part files) to the
+    committer, then wait for the commits it started; report progress per batch (`progress`) or per
+    commit (the log). Images count the rows as their parts arrive (a re-delivered part counts twice
+    here, never in the summary, which counts committed rows)."""
     done = images = 0
     started = time.monotonic()
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        images += int(np.count_nonzero(batch[S.ROW_KIND] == S.SAMPLE))
-        markers = writer.add(batch)
+
+    def report(markers: list[dict[str, Any]]) -> None:
+        nonlocal done
         for marker in markers:
             done += 1
             now = Progress(done=done, total=total, images=images, seconds=time.monotonic() - started)
@@ -319,10 +335,40 @@ def _drain(dataset: Any, writer: CorpusWriter, total: int, progress: ProgressCal
                 logger.info("committed shard %s: %d rows, %d errors | %s",
                             marker["shard"], marker["rows"], marker["errors"], format_progress(now))
         if progress is not None:
-            progress(Progress(done=done, total=total, images=images,
-                              seconds=time.monotonic() - started))
+            progress(Progress(done=done, total=total, images=images, seconds=time.monotonic() - started))
+
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        images += int(batch[S.PART_ROWS][batch[S.ROW_KIND] == S.PART].sum())
+        report(writer.add(batch))
+    report(writer.finish())
     if writer.pending:  # failed shards are not pending: they were dropped when they failed
         raise RuntimeError(f"the pipeline ended with shards still incomplete: {sorted(writer.pending)}")
+
+
+class RayTasks:
+    """`PartCommits`' commits as Ray tasks. They reserve no CPU: they wait on the store, and must not
+    queue behind the encoder actors that hold the CPUs (on a CPU-only cluster, all of them)."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self.ray = ray
+        self.remote: dict[Any, Any] = {}
+
+    def submit(self, fn: Callable[..., dict[str, Any]], *args: Any) -> Any:
+        if fn not in self.remote:
+            self.remote[fn] = self.ray.remote(num_cpus=0, max_retries=3)(fn)
+        return self.remote[fn].remote(*args)
+
+    def ready(self, handles: list[Any], wait: bool) -> list[Any]:
+        if not handles:
+            return []
+        if wait:
+            self.ray.wait(handles, num_returns=1)
+        return self.ray.wait(handles, num_returns=len(handles), timeout=0)[0]
+
+    def result(self, handle: Any) -> dict[str, Any]:
+        return self.ray.get(handle)
 
 
 def _write_manifest(plan: TokenizePlan, layout: CorpusLayout, run_id: str, summary: RunSummary,
