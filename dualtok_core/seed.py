@@ -123,7 +123,8 @@ class SeedImageHead(nn.Module):
             if qformer is None:
                 raise BundleError("the qformer image head needs its Q-Former")
             self.qformer = qformer
-            self.queries = nn.Parameter(torch.randn(1, 1, qformer.config.hidden_size) * qformer.config.initializer_range)
+            config = qformer.config
+            self.queries = nn.Parameter(torch.randn(1, 1, config.hidden_size) * config.initializer_range)
             self.proj = nn.Linear(qformer.config.hidden_size, dim)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:

@@ -296,10 +296,13 @@ class SemanticTokenizer(ModelMixin, ConfigMixin):
         if image_head is not None:
             image_qformer = None
             if image_head == "qformer":
-                icfg = qformer_config_from(dict(image_qformer_config or PAPER_REVERSE), width, False, attn_implementation)
+                icfg = qformer_config_from(dict(image_qformer_config or PAPER_REVERSE), width, False,
+                                           attn_implementation)
                 image_qformer = Blip2QFormerModel(icfg)
             decoder = EmbeddingDecoder(width, num_queries, decoder_layers, decoder_heads)
-            self.image_embedding_head = SeedImageHead(image_head, decoder, width, num_queries, image_embed_dim, image_qformer)
+            self.image_embedding_head = SeedImageHead(
+                image_head, decoder, width, num_queries, image_embed_dim, image_qformer
+            )
 
     # ---- images -> causal embeddings -> ids ---------------------------------------------------
     def _pixel_values(self, images: torch.Tensor) -> torch.Tensor:

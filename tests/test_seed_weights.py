@@ -228,7 +228,8 @@ def test_unclip_generation_equals_diffusers_stable_unclip_pipeline(unclip_folder
     latents = torch.randn((2, 4, side, side), generator=generator) * model.scheduler.init_noise_sigma
     pipe.scheduler = model.scheduler  # DDIM, as the released folder configures it
     reference = pipe(prompt=[""] * 2, image_embeds=embeds, latents=latents, noise_level=0,
-                     generator=torch.Generator().manual_seed(seed), num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+                     generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+                     guidance_scale=guidance, output_type="pt",
                      height=size, width=size).images
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
     with pytest.raises(Exception, match=r"image embeddings \(B, 24\)"):

@@ -104,7 +104,8 @@ def plan_from_config(config: AuditConfig) -> AuditPlan:
         source = BundleSource(diffusion_spec, storage_options=options)
         name = diffusion_name(source.load(("diffusion",)))
         if name in diffusions:
-            raise ConfigError(f"diffusion_bundles {diffusions[name].spec} and {diffusion_spec} are both {name} branches")
+            raise ConfigError(
+                f"diffusion_bundles {diffusions[name].spec} and {diffusion_spec} are both {name} branches")
         diffusions[name] = source
     size = config.sample_size if config.sample_size is not None or config.sample_fraction is not None \
         else DEFAULT_SAMPLE_SIZE

@@ -278,7 +278,8 @@ def _with_expected_hashes(plan: AuditPlan, audit: AuditSetup) -> AuditPlan:
     guides = {n: replace(src, expected_hashes={"guide": audit.bundle["extra_guides"][n]["hash"]})
               for n, src in plan.guides.items()}
     extra = audit.bundle.get("extra_diffusions", {})
-    diffusions = {n: replace(src, expected_hashes={"semantic": extra[n]["semantic_hash"], "diffusion": extra[n]["hash"]})
+    diffusions = {n: replace(src, expected_hashes={"semantic": extra[n]["semantic_hash"],
+                                                   "diffusion": extra[n]["hash"]})
                   for n, src in plan.diffusions.items()}
     return replace(plan, source=source, guides=guides, diffusions=diffusions)
 

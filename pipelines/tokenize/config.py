@@ -206,7 +206,8 @@ def plan_from_config(config: TokenizeConfig, resources: Resources | None = None)
     source = BundleSource(config.bundle, seed=config.seed, storage_options=options)
     return TokenizePlan(
         inputs=list(config.inputs), output=config.output, source=source, streams=config.streams,
-        decode=config.image.decode(*decode_inputs(source, config.streams)), limits=config.image.limits, parquet=config.parquet,
+        decode=config.image.decode(*decode_inputs(source, config.streams)), limits=config.image.limits,
+        parquet=config.parquet,
         passthrough=tuple(config.passthrough),
         encoder=resources.encoder, read_cpus=resources.read_cpus, read_actors=resources.read_actors,
         prefetch_batches=config.prefetch_batches,

@@ -52,8 +52,8 @@ class EncodeTokens:
         """The batch less IMAGE, plus a token column per stream, typed as `schemas.inflight_table` says."""
         rows = np.flatnonzero(batch[S.ROW_KIND] == S.SAMPLE)
         # (N, S, S, 3) uint8, SAMPLE rows only; the semantic branch's own input where the decode made one
-        images = {stream: batch[S.SEMANTIC_IMAGE if stream == "semantic" and S.SEMANTIC_IMAGE in batch else S.IMAGE][rows]
-                  for stream in self.streams}
+        own = {"semantic": S.SEMANTIC_IMAGE} if S.SEMANTIC_IMAGE in batch else {}
+        images = {stream: batch[own.get(stream, S.IMAGE)][rows] for stream in self.streams}
         out = {k: v for k, v in batch.items() if k not in (S.IMAGE, S.SEMANTIC_IMAGE)}  # only tokens go on
         for stream in self.streams:
             tokens = np.zeros((len(batch[S.ROW_KIND]), self.lengths[stream]), dtype=np.uint16)
