@@ -79,7 +79,11 @@ def module_hash(module: torch.nn.Module) -> str:
     if config is not None:
         # '_'-keys are diffusers' bookkeeping (library version, a set of defaulted names in
         # hash-seed order): not what the model is, and not stable across processes.
-        public = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        # Settings added after bundles were released hash as if absent while at their defaults, so an
+        # existing bundle keeps its fingerprint (`_HASH_NEUTRAL_DEFAULTS` of the part's class).
+        neutral = getattr(type(module), "_HASH_NEUTRAL_DEFAULTS", {})
+        public = {k: v for k, v in dict(config).items()
+                  if not k.startswith("_") and not (k in neutral and v == neutral[k])}
         digest.update(json.dumps(public, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()

@@ -158,6 +158,8 @@ def _check_config(
 class GuideVQModel(ModelMixin, ConfigMixin):
     """Images (B, 3, 256, 256) in [0, 1] <-> grid*grid codebook ids <-> guide image (B, 3, g, g)."""
 
+    # Settings added after bundles existed: at these values a bundle's part hash is what it was.
+    _HASH_NEUTRAL_DEFAULTS = {"input_fit": "center_crop", "input_interpolation": "bicubic"}
     _skip_layerwise_casting_patterns = ["quantize"]
     _supports_group_offloading = False
 

@@ -229,6 +229,12 @@ class EmbeddingDecoder(nn.Module):
 class SemanticTokenizer(ModelMixin, ConfigMixin):
     """Images <-> 32 semantic ids, and ids -> 77 generation embeddings for the diffusion branch."""
 
+    # Settings added after bundles existed: at these values a bundle's part hash is what it was.
+    _HASH_NEUTRAL_DEFAULTS = {
+        "vision_post_norm_eps": None, "image_head": None, "image_embed_dim": 1024, "image_qformer_config": None,
+        "input_fit": "center_crop", "input_interpolation": "bicubic",
+    }
+
     @register_to_config
     def __init__(
         self,

@@ -213,3 +213,23 @@ def test_psnr_and_ssim_match_scikit_image_on_real_photos():
     assert np.isinf(psnr(skdata.astronaut(), skdata.astronaut())[0])
     with pytest.raises(ImageInputError, match="differ in shape"):
         psnr(skdata.astronaut(), skdata.coffee())
+
+
+def test_the_packaged_demo_bundle_loads_with_its_recorded_hashes_and_new_settings_change_them(tmp_path):
+    """A bundle saved by an earlier version (jobs/demo_bundle) keeps its fingerprint: settings added
+    since (per-branch preprocessing, SEED's heads) hash as absent at their defaults, and change the
+    hash when set."""
+    from dualtok.jobs.demo import DEMO_BUNDLE
+    from dualtok_core.bundle import DualTokenizer, module_hash, read_bundle_info
+    from dualtok_core.preprocess import Preprocess
+    from dualtok_core.semantic import PRESETS, SemanticTokenizer
+
+    tokenizer = DualTokenizer.from_pretrained(str(DEMO_BUNDLE))  # checks every part's hash against bundle.json
+    assert tokenizer.fingerprint == read_bundle_info(DEMO_BUNDLE).fingerprint
+    assert tokenizer.preprocess("semantic") == Preprocess(224) and tokenizer.preprocess("guide").fit == "center_crop"
+    torch.manual_seed(0)
+    default = module_hash(SemanticTokenizer(**PRESETS["tiny"]))
+    torch.manual_seed(0)
+    assert module_hash(SemanticTokenizer(**PRESETS["tiny"])) == default
+    torch.manual_seed(0)
+    assert module_hash(SemanticTokenizer(**PRESETS["tiny"], input_fit="resize")) != default

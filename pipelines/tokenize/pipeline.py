@@ -368,7 +368,12 @@ class RayTasks:
         return self.ray.wait(handles, num_returns=len(handles), timeout=0)[0]
 
     def result(self, handle: Any) -> dict[str, Any]:
-        return self.ray.get(handle)
+        """The commit's outcome; a task that died or raised fails its shard, not the run."""
+        try:
+            return self.ray.get(handle)
+        except self.ray.exceptions.RayError as err:
+            return {"failed": f"{S.STAGE_STORAGE}: the commit task failed: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:300]}"}
 
 
 def _write_manifest(plan: TokenizePlan, layout: CorpusLayout, run_id: str, summary: RunSummary,
