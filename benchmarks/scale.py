@@ -108,7 +108,7 @@ def tar_shard(index: int, per_shard: int, rng: np.random.Generator) -> bytes:
     return buffer.getvalue()
 
 
-def plan_for(url: str, inputs: list[str], output: str):
+def plan_for(url: str, inputs: list[str], output: str, batch: int | None = None):
     from dualtok.jobs.tokenize import _cluster_resources
     from dualtok.pipelines.io.decode import DecodeConfig
     from dualtok.pipelines.io.storage import StorageConfig
@@ -116,6 +116,8 @@ def plan_for(url: str, inputs: list[str], output: str):
 
     config = TokenizeConfig(inputs=inputs, output=output, bundle="tiny", storage=StorageConfig(endpoint_url=url))
     plan = plan_from_config(config, _cluster_resources(config))  # what the job sizes for this machine
+    if batch is not None:  # a GPU's batch: fewer, larger blocks through the same driver
+        plan = replace(plan, encoder=replace(plan.encoder, batch_size=batch))
     return replace(plan, decode=replace(DecodeConfig(size=32), draft=plan.decode.draft))
 
 
@@ -124,24 +126,63 @@ def driver_clock() -> tuple[float, float]:
     return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # CPU s, peak RSS MiB
 
 
-def throughput(url: str, shards: int, per_shard: int) -> dict:
+def throughput(url: str, shards: int, per_shard: int, batch: int | None = None) -> dict:
     from dualtok.pipelines.tokenize.pipeline import run_tokenize
 
     fs, bucket = s3(url), f"scale-{uuid.uuid4().hex[:8]}"
     fs.mkdir(bucket)
     rng = np.random.default_rng(0)
     fs.pipe({f"{bucket}/in/{i:06d}.tar": tar_shard(i, per_shard, rng) for i in range(shards)})
-    plan = plan_for(url, [f"s3://{bucket}/in/"], f"s3://{bucket}/out")
+    plan = plan_for(url, [f"s3://{bucket}/in/"], f"s3://{bucket}/out", batch)
     cpu0, _ = driver_clock()
     started = time.monotonic()
-    summary = run_tokenize(plan, _encoder_stage=StandInEncoder)
+    clocks: dict[str, float] = {}
+    with _thread_clock(clocks):
+        summary = run_tokenize(plan, _encoder_stage=StandInEncoder)
     wall = time.monotonic() - started
     cpu1, rss = driver_clock()
     assert summary.shards_committed == shards and summary.images == shards * per_shard, summary
     rows = summary.images
     return {"shards": shards, "rows": rows, "wall_s": wall, "rows_per_s": rows / wall, "shards_per_s": shards / wall,
             "driver_cpu_s": cpu1 - cpu0, "rows_per_driver_cpu_s": rows / max(cpu1 - cpu0, 1e-9),
-            "driver_peak_rss_mib": rss, "encoder_actors": plan.encoder.actors, "read_actors": plan.read_actors}
+            "drain_cpu_s": clocks.get("drain", 0.0), "writer_cpu_s": clocks.get("writer", 0.0),
+            "rows_per_writer_cpu_s": rows / max(clocks.get("writer", 0.0), 1e-9),
+            "driver_peak_rss_mib": rss, "encoder_actors": plan.encoder.actors, "read_actors": plan.read_actors,
+            "batch_size": plan.encoder.batch_size}
+
+
+@contextlib.contextmanager
+def _thread_clock(clocks: dict[str, float]):
+    """CPU time of the driver's main thread in `_drain` (fetching batches, handing them over) and in the
+    writer's own calls (`CorpusWriter.add` before this round, `PartCommits.add` / `finish` after).
+    Ray Data's executor loop runs in another thread of the driver: the process CPU less these."""
+    from dualtok.pipelines.tokenize import pipeline
+
+    patched = [(pipeline, "_drain", "drain")]
+    try:
+        from dualtok.pipelines.io.token_parts import PartCommits
+        patched += [(PartCommits, "add", "writer"), (PartCommits, "finish", "writer")]
+    except ImportError:  # before this round: the writer on the driver took every row
+        from dualtok.pipelines.io.corpus import CorpusWriter
+        patched += [(CorpusWriter, "add", "writer")]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            started = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clocks[key] = clocks.get(key, 0.0) + time.thread_time() - started
+        return wrapper
+
+    for (owner, name, key), (_, _, fn) in zip(patched, originals):
+        setattr(owner, name, timed(fn, key))
+    try:
+        yield
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
 
 
 def startup(url: str, markers: int) -> dict:
@@ -161,6 +202,12 @@ def startup(url: str, markers: int) -> dict:
          "data_file": f"data/{n}.parquet", "errors_file": f"errors/{n}.parquet"}, indent=1).encode()
         for n in names[1:]}
     _pipe_in_chunks(fs, copies)
+    from dualtok.pipelines.io.corpus import CorpusLayout
+
+    layout = CorpusLayout(out, None, None, {}, {"client_kwargs": {"endpoint_url": url}})
+    if hasattr(layout, "compact_markers"):  # as the runs that wrote them would have left the corpus
+        layout.compact_markers({n: json.loads(body) for n, body in
+                                ((p.rsplit("/", 1)[1][:-5], b) for p, b in copies.items())} | {names[0]: marker})
     timings: dict[str, float] = {}
     with _timed_markers(timings):
         started = time.monotonic()
@@ -204,6 +251,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=int, default=200, help="shards of the throughput run")
     parser.add_argument("--per-shard", type=int, default=256, help="images per shard of the throughput run")
+    parser.add_argument("--batch", type=int, help="encoder batch size (default: the job's own for this machine)")
     parser.add_argument("--markers", default="1000,10000,100000", help="committed shards of each start-up run")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
@@ -219,12 +267,15 @@ def main() -> None:
     with moto_server() as url:
         ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, log_to_driver=False)
         try:
-            results["throughput"] = throughput(url, args.shards, args.per_shard)
+            results["throughput"] = throughput(url, args.shards, args.per_shard, args.batch)
             t = results["throughput"]
             print(f"throughput: {t['rows']} rows in {t['shards']} shards, {t['wall_s']:.1f} s wall: "
                   f"{t['rows_per_s']:.0f} rows/s, {t['shards_per_s']:.2f} shards/s; driver {t['driver_cpu_s']:.1f} "
-                  f"CPU s = {t['rows_per_driver_cpu_s']:.0f} rows per driver-CPU-second, peak RSS "
-                  f"{t['driver_peak_rss_mib']:.0f} MiB", flush=True)
+                  f"CPU s = {t['rows_per_driver_cpu_s']:.0f} rows per driver-CPU-second (main thread in the drain "
+                  f"{t['drain_cpu_s']:.1f} s, of it the writer {t['writer_cpu_s']:.2f} s = "
+                  f"{t['rows_per_writer_cpu_s']:.0f} rows per writer-CPU-second), peak RSS "
+                  f"{t['driver_peak_rss_mib']:.0f} MiB; batch {t['batch_size']}, {t['encoder_actors']} encoder and "
+                  f"{t['read_actors']} read actors", flush=True)
             for count in (int(n) for n in args.markers.split(",") if n):
                 s = startup(url, count)
                 results["startup"].append(s)

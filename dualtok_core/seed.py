@@ -91,9 +91,9 @@ _BLOCK_RENAMES = (
     (r"(\d+)\.mlp\.fc2\.(.*)", r"\1.linear2.\2"),
     (r"(\d+)\.(norm[12]\..*)", r"\1.\2"),
 )
-# Text embeddings of a LAVIS Q-Former, where a checkpoint keeps them (SEED's do not).
 # Prefixes whose every tensor takes part in tokenizing or decoding: none may go unmapped.
 _COMPUTING = ("visual_encoder.", "ln_vision.", "blocks.", "blocks_image.", "encode_task_layer.", "decode_task_layer.")
+# Text embeddings of a LAVIS Q-Former, where a checkpoint keeps them (SEED's do not).
 _TEXT_EMBEDDINGS = re.compile(r"Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings)\.weight")
 
 

@@ -483,13 +483,21 @@ class SemanticTokenizer(ModelMixin, ConfigMixin):
             "num_queries": config.num_query_tokens,
             "image_text_dim": config.image_text_hidden_size,
         }
+        tensors, unused = read_blip2_checkpoint(root)
+        return cls._from_checkpoint(derived, overrides, tensors, unused, str(root), "BLIP-2")
+
+    @classmethod
+    def _from_checkpoint(
+        cls, derived: dict[str, Any], overrides: dict[str, Any], tensors: dict[str, torch.Tensor],
+        unused: list[str], source: str, kind: str,
+    ) -> tuple[SemanticTokenizer, LoadReport]:
+        """Build with the settings a checkpoint fixes (`derived`) and the caller's others, then copy its tensors."""
         clash = sorted(set(derived) & set(overrides))
         if clash:
-            raise BundleError(f"{clash} come from the BLIP-2 checkpoint's config and cannot be overridden")
+            raise BundleError(f"{clash} come from the {kind} checkpoint and cannot be overridden")
         model = cls(**derived, **overrides)
-        tensors, unused = read_blip2_checkpoint(root)
-        report = copy_checkpoint(model, tensors, str(root))
-        report.unused = unused
+        report = copy_checkpoint(model, tensors, source)
+        report.unused, report.kind = unused, kind
         return model, report
 
     @classmethod
@@ -504,15 +512,7 @@ class SemanticTokenizer(ModelMixin, ConfigMixin):
         file = seed_weights_file(Path(path))
         try:
             tensors = read_seed_checkpoint(file)
-            derived = seed_settings(tensors, heads)
-            clash = sorted(set(derived) & set(overrides))
-            if clash:
-                raise BundleError(f"{clash} come from the checkpoint's shapes and cannot be overridden")
-            model = cls(**derived, **overrides)
             ours, unused = seed_tensors(tensors)
-            report = copy_checkpoint(model, ours, str(path))
+            return cls._from_checkpoint(seed_settings(tensors, heads), overrides, ours, unused, str(path), "SEED")
         except BundleError as exc:
             raise BundleError(f"SEED tokenizer checkpoint {file}: {str(exc).removeprefix(f'{path}: ')}") from exc
-        report.unused = unused
-        report.kind = "SEED"
-        return model, report
