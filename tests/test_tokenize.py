@@ -276,8 +276,11 @@ def test_marker_index_saves_reads_but_the_markers_stay_the_truth(tmp_path, caplo
     markers = {f"s{i}": {"shard": f"s{i}", "rows": i} for i in range(5)}
     for sid, marker in markers.items():
         out.write_json(marker, MARKERS_DIR, f"{sid}.json")
-    assert layout.committed() == markers
-    assert layout.compact_markers(markers) == 5
+    versions, read = layout.committed_listed()
+    assert read == markers and sorted(versions) == sorted(markers)
+    assert layout.compact_markers(versions, read, rewritten={"s3"}) == 4  # a marker rewritten since: not kept
+    assert "s3.json" not in out.read_json_gz(MARKER_INDEX)["markers"]
+    assert layout.compact_markers(versions, read, rewritten=set()) == 5
     # the index serves unchanged markers: an entry edited in the index (only) shows through
     index = out.read_json_gz(MARKER_INDEX)
     index["markers"]["s1.json"]["marker"]["rows"] = 99

@@ -134,11 +134,22 @@ class CorpusLayout:
 
     def committed(self) -> dict[str, dict[str, Any]]:
         """Markers of the shards already done: shard id -> marker (one listing; see `OutputFolder.markers`)."""
-        return self.folder().markers(MARKERS_DIR, "shard", index=MARKER_INDEX)
+        return self.committed_listed()[1]
 
-    def compact_markers(self, committed: dict[str, dict[str, Any]]) -> int:
-        """Rewrite the marker index from `committed` (every marker the caller knows is on the store)."""
-        return self.folder().write_marker_index(MARKERS_DIR, MARKER_INDEX, committed, "shard")
+    def committed_listed(self) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+        """(shard id -> the marker's listed version, shard id -> marker)."""
+        versions, markers = self.folder().markers_listed(MARKERS_DIR, MARKER_INDEX)
+        by_shard = {rel: marker["shard"] for rel, marker in markers.items()}
+        return ({by_shard[rel]: v for rel, v in versions.items() if rel in by_shard},
+                {marker["shard"]: marker for marker in markers.values()})
+
+    def compact_markers(self, versions: dict[str, str], committed: dict[str, dict[str, Any]],
+                        rewritten: set[str]) -> int:
+        """Rewrite the marker index: the markers a run read at its start (`versions`, `committed`) less
+        those it `rewritten` since, whose new versions it does not know (the next run reads them)."""
+        return self.folder().write_marker_index(
+            MARKERS_DIR, MARKER_INDEX, {f"{sid}.json": v for sid, v in versions.items() if sid not in rewritten},
+            {f"{sid}.json": m for sid, m in committed.items()})
 
 
 class CorpusWriter:

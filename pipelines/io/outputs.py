@@ -114,10 +114,10 @@ class OutputFolder:
         them (`write_marker_index`), only markers whose listed version the index does not hold are
         read; the rest are read concurrently (`fs.cat` on a list: s3fs batches the GETs). The
         markers stay the truth: the index only saves reading ones that did not change."""
-        _, found = self._markers(folder, index)
+        _, found = self.markers_listed(folder, index)
         return {marker[key]: marker for marker in found.values()}
 
-    def _markers(self, folder: str, index: str | None) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    def markers_listed(self, folder: str, index: str | None) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
         """(relative path -> listed version, relative path -> marker) of the markers under `folder`."""
         self.fs.invalidate_cache()
         root = self.path(folder)
@@ -132,20 +132,14 @@ class OutputFolder:
         read = {_relative(path, root): json.loads(body) for path, body in bodies.items()}
         return listed, {**known, **read}
 
-    def write_marker_index(self, folder: str, index: str, markers: Mapping[str, dict[str, Any]],
-                           key: str) -> int:
-        """Compact the markers under `folder` into `index` (gzip JSON): each listed marker's version and
-        content, the content taken from `markers` (id -> marker, what the caller knows is committed)
-        where it has the id, else left out (read from the store next time). Returns the markers kept."""
-        self.fs.invalidate_cache()
-        root = self.path(folder)
-        listing = self.fs.find(root, detail=True) if self.fs.exists(root) else {}
-        entries = {}
-        for path, info in listing.items():
-            rel = _relative(path, root)
-            marker = markers.get(rel.removesuffix(".json"))
-            if path.endswith(".json") and marker is not None and marker.get(key) == rel.removesuffix(".json"):
-                entries[rel] = {"version": _version(info), "marker": marker}
+    def write_marker_index(self, folder: str, index: str, versions: Mapping[str, str],
+                           markers: Mapping[str, dict[str, Any]]) -> int:
+        """Compact markers into `index` (gzip JSON): for each relative path in `versions` (its version
+        as a listing gave it) whose marker the caller has, both. No listing here: the caller passes the
+        listing it made, less the markers written since (those are read from the store next time).
+        Returns the markers kept."""
+        entries = {rel: {"version": version, "marker": markers[rel]}
+                   for rel, version in versions.items() if rel in markers}
         body = json.dumps({"format": 1, "folder": folder, "markers": entries}, separators=(",", ":")).encode()
         self.write(gzip.compress(body, compresslevel=6, mtime=0), index)
         return len(entries)

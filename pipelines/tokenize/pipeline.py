@@ -160,7 +160,7 @@ def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease:
     uris = sorted(objects)
     layout, info = _layout(plan)
     plan = dataclasses.replace(plan, source=dataclasses.replace(plan.source, expected_hashes=info["part_hashes"]))
-    committed = layout.committed()
+    versions, committed = layout.committed_listed()
     _check_passthrough(committed, plan.passthrough)
     # ids are paths under the corpus's recorded input root, whatever else this run lists
     ids = assign_shard_ids(uris, plan.output, committed, plan.input_root, run_id, plan.storage_options or None)
@@ -200,7 +200,7 @@ def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease:
     corpus = {**committed, **done}
     _write_manifest(plan, layout, run_id, summary, info, corpus)
     try:
-        layout.compact_markers(corpus)
+        layout.compact_markers(versions, committed, set(done) | set(failed))
     except StorageFault as fault:  # the index is a cache: the next run reads the markers themselves
         logger.warning("could not write the marker index (the next run reads every marker): %s", fault)
     return summary
