@@ -244,10 +244,12 @@ def _timed_listing(timings: dict[str, float]):
 
 @contextlib.contextmanager
 def _timed_markers(timings: dict[str, float]):
-    """Time every read of the committed markers during the rerun (`CorpusLayout.committed`)."""
+    """Time every read of the committed markers during the rerun (`CorpusLayout.committed_listed`, or
+    `committed` before this round)."""
     from dualtok.pipelines.io import corpus
 
-    original = corpus.CorpusLayout.committed
+    name = "committed_listed" if hasattr(corpus.CorpusLayout, "committed_listed") else "committed"
+    original = getattr(corpus.CorpusLayout, name)
 
     def timed(self):
         started = time.monotonic()
@@ -257,11 +259,11 @@ def _timed_markers(timings: dict[str, float]):
             timings["markers"] = timings.get("markers", 0.0) + time.monotonic() - started
             timings["calls"] = timings.get("calls", 0) + 1
 
-    corpus.CorpusLayout.committed = timed
+    setattr(corpus.CorpusLayout, name, timed)
     try:
         yield
     finally:
-        corpus.CorpusLayout.committed = original
+        setattr(corpus.CorpusLayout, name, original)
 
 
 def _pipe_in_chunks(fs, files: dict[str, bytes], chunk: int = 5000) -> None:
