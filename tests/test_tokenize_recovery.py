@@ -22,7 +22,7 @@ from dualtok.pipelines.shards.photos import write_sample_shards
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
-SHARDS, PER_SHARD = 10, 6
+SHARDS, PER_SHARD = 10, 4
 
 
 @pytest.fixture(scope="module")
