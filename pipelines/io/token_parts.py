@@ -35,7 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.io.corpus import CorpusLayout, CorpusWriter, write_marker
 from dualtok.pipelines.io.lease import LeaseLostError, read_lease
-from dualtok.pipelines.io.outputs import parquet_bytes
+from dualtok.pipelines.io.outputs import OutputFolder, parquet_bytes
 from dualtok.pipelines.io.storage import STORE_ERRORS, StorageFault
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ class TokenParts:
         (without the token columns), plus one PART row per part file written."""
         kinds, shards = columns[S.ROW_KIND], columns[S.SHARD]
         samples = kinds == S.SAMPLE
-        parts = [self._write(columns, np.flatnonzero(samples & (shards == shard)), str(shard))
+        folder = self.layout.folder()  # one store client per batch, not per part
+        parts = [self._write(folder, columns, np.flatnonzero(samples & (shards == shard)), str(shard))
                  for shard in sorted({str(s) for s in shards[samples]})]
         kept = np.flatnonzero(~samples)
         out = {name: values[kept] for name, values in columns.items()
@@ -65,12 +66,12 @@ class TokenParts:
         out[S.PART_ROWS] = np.zeros(len(kept), dtype=np.int64)
         return _append_parts(out, parts)
 
-    def _write(self, columns: dict[str, np.ndarray], rows: np.ndarray, shard: str) -> tuple[str, str, int, str]:
+    def _write(self, folder: OutputFolder, columns: dict[str, np.ndarray], rows: np.ndarray,
+               shard: str) -> tuple[str, str, int, str]:
         indices = np.asarray(columns[S.INDEX][rows], dtype=np.int64)
         digest = hashlib.sha1(np.sort(indices).tobytes()).hexdigest()[:12]
         name = f"{int(indices.min()):08d}-{int(indices.max()):08d}-{digest}.parquet"
         body = parquet_bytes(S.inflight_table({k: v[rows] for k, v in columns.items()}))
-        folder = self.layout.folder()
         path = folder.path(PARTS_DIR, self.run_id, shard, name)
         try:
             # A plain write, not a commit (no temporary name, no fsync): a part is read only after its
@@ -142,12 +143,6 @@ def commit_parts(layout: CorpusLayout, shard: str, shard_uri: str, run_id: str, 
     except STORE_ERRORS as err:  # leftovers are removed by the next run
         logger.warning("could not remove the token parts of %s: %s", shard, err)
     return {"marker": markers[0]}
-
-
-def warm_up() -> dict[str, Any]:
-    """Nothing: submitted when a run starts, so that the worker its commits run in (this module and
-    its imports loaded) is started while the pipeline starts, not when the first shard is whole."""
-    return {}
 
 
 class Tasks(Protocol):

@@ -32,7 +32,7 @@ import numpy as np
 from dualtok.pipelines.config import ConfigError
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.io.corpus import MARKER_INDEX, MARKERS_DIR, RUNS_DIR, CorpusLayout
-from dualtok.pipelines.io.token_parts import PartCommits, TokenParts, warm_up
+from dualtok.pipelines.io.token_parts import PartCommits, TokenParts
 from dualtok.pipelines.io.shard_ids import assign_shard_ids, normalize_root
 from dualtok.pipelines.io.decode import DecodeConfig
 from dualtok.pipelines.io.lease import Lease, LeaseConfig
@@ -354,7 +354,6 @@ class RayTasks:
 
         self.ray = ray
         self.remote: dict[Any, Any] = {}
-        self.warming = self.submit(warm_up)  # a worker for the commits, started beside the pipeline
 
     def submit(self, fn: Callable[..., dict[str, Any]], *args: Any) -> Any:
         if fn not in self.remote:
