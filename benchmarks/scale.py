@@ -114,7 +114,9 @@ def plan_for(url: str, inputs: list[str], output: str, batch: int | None = None)
     from dualtok.pipelines.io.storage import StorageConfig
     from dualtok.pipelines.tokenize.config import TokenizeConfig, plan_from_config
 
-    config = TokenizeConfig(inputs=inputs, output=output, bundle="tiny", storage=StorageConfig(endpoint_url=url))
+    # commits in Ray tasks as on a cluster: this one-node machine's "auto" would commit in the driver
+    config = TokenizeConfig(inputs=inputs, output=output, bundle="tiny", storage=StorageConfig(endpoint_url=url),
+                            commits="tasks")
     plan = plan_from_config(config, _cluster_resources(config))  # what the job sizes for this machine
     if batch is not None:  # a GPU's batch: fewer, larger blocks through the same driver
         plan = replace(plan, encoder=replace(plan.encoder, batch_size=batch))

@@ -52,8 +52,9 @@ def test_s3_to_s3_every_sample_accounted_and_tokens_match(ray_session, s3, tiny)
     fs = s3.filesystem()
     bucket = s3.new_bucket()
     by_key = write_good_shards(fs, f"{bucket}/shards", shards=3, per_shard=5)
+    # commits in Ray tasks, as on a cluster (this one-node cluster would commit in the driver's threads)
     assert cli(["tokenize", f"inputs=s3://{bucket}/shards/{{00000..00002}}.tar", f"output=s3://{bucket}/corpus",
-                "bundle=tiny", "encoder.batch_size=4"]) == 0
+                "bundle=tiny", "encoder.batch_size=4", "commits=tasks"]) == 0
 
     table = read_corpus(fs, f"{bucket}/corpus")
     assert table.num_rows == 15 and len(set(table[S.KEY].to_pylist())) == 15
@@ -300,29 +301,11 @@ def test_marker_index_saves_reads_but_the_markers_stay_the_truth(tmp_path, caplo
     assert "ignoring the unreadable index" in caplog.text
 
 
-class _InlineTasks:
-    """`PartCommits`' tasks run at once in this process (the pipeline runs them as Ray tasks)."""
-
-    def __init__(self):
-        self.results = {}
-
-    def submit(self, fn, *args):
-        handle = len(self.results)
-        self.results[handle] = fn(*args)
-        return handle
-
-    def ready(self, handles, wait):
-        return list(handles)
-
-    def result(self, handle):
-        return self.results.pop(handle)
-
-
 def test_token_rows_committed_from_part_files_equal_an_in_process_commit(tmp_path):
     """The driver sees part names, errors and END rows only; the commit task's files are what the
     in-process writer writes from the same rows, re-delivered batches and a retried index included."""
     from dualtok.pipelines.io.corpus import CorpusLayout, CorpusWriter
-    from dualtok.pipelines.io.token_parts import PARTS_DIR, PartCommits, TokenParts
+    from dualtok.pipelines.io.token_parts import PARTS_DIR, PartCommits, ThreadTasks, TokenParts
 
     batches = [_writer_batch([(S.SAMPLE, "a", 2), (S.ERROR, "a", 1)]),
                _writer_batch([(S.SAMPLE, "a", 2), (S.ERROR, "a", 1)]),  # re-delivered
@@ -333,7 +316,7 @@ def test_token_rows_committed_from_part_files_equal_an_in_process_commit(tmp_pat
     for batch in batches:
         direct.add(batch)
     layout = CorpusLayout(str(tmp_path / "parts"), 4, 2, {"bundle_fingerprint": "f0"})
-    parts, commits = TokenParts(layout, "run-1"), PartCommits(layout, {}, "run-1", _InlineTasks())
+    parts, commits = TokenParts(layout, "run-1"), PartCommits(layout, {}, "run-1", ThreadTasks())
     slim = [S.inflight_columns(S.inflight_table(parts(batch))) for batch in batches]  # as Ray hands them over
     assert all(S.GUIDE_TOKENS not in b and S.SAMPLE not in b[S.ROW_KIND] for b in slim)  # no token row
     assert slim[1][S.PART_FILE].tolist() == slim[0][S.PART_FILE].tolist()  # same rows, same part file
@@ -350,7 +333,7 @@ def test_token_rows_committed_from_part_files_equal_an_in_process_commit(tmp_pat
     assert not (tmp_path / "parts" / PARTS_DIR / "run-1" / "a").exists()  # parts removed once committed
 
     # a shard whose rows do not add up is not committed; nor is one whose part the store lost
-    bad = PartCommits(layout, {}, "run-2", _InlineTasks())
+    bad = PartCommits(layout, {}, "run-2", ThreadTasks())
     parts2 = TokenParts(layout, "run-2")
     bad.add(S.inflight_columns(S.inflight_table(parts2(_writer_batch([(S.SAMPLE, "d", 0), (S.SAMPLE, "d", 2)])))))
     lost = S.inflight_columns(S.inflight_table(parts2(_writer_batch([(S.SAMPLE, "e", 0)]))))
@@ -363,3 +346,7 @@ def test_token_rows_committed_from_part_files_equal_an_in_process_commit(tmp_pat
     assert sorted(bad.failed) == ["d", "e"] and not bad.done
     assert bad.failed["d"].startswith("read: rows + errors (2 + 0) do not account for the 2 samples")
     assert bad.failed["e"].startswith("storage: reading token parts failed")
+    threads = ThreadTasks()  # a commit that raises fails its shard, as a Ray task's error does
+    outcome = threads.result(threads.submit(lambda: {"marker": 1 / 0}))
+    threads.close()
+    assert outcome["failed"].startswith("storage: the commit task failed: ZeroDivisionError: division by zero")

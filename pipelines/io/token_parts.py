@@ -5,7 +5,7 @@
                                     goes on with one PART row per file instead (its name, its row count)
     driver:           PartCommits   per shard: its part files, ERROR rows, END row; once they account
                                     for the shard's samples, a task commits it
-    task:             commit_parts  the parts read back and handed, with the ERROR and END rows, to the
+    task/thread:      commit_parts  the parts read back and handed, with the ERROR and END rows, to the
                                     same `CorpusWriter` an in-process commit uses (index order, each
                                     index once, the miscount check, the data and errors files); the
                                     part files are deleted after
@@ -13,6 +13,9 @@
 
 What crosses to the driver per shard is its part names and counts, its ERROR rows and one END
 row: a few hundred bytes per batch instead of every token row (docs/scale.md measures both).
+Commits run as Ray tasks (`pipeline.RayTasks`), or, on a machine that is the whole cluster and has no
+GPU, in threads of the driver (`ThreadTasks`): there the rows never leave the machine either way, a
+few images a second arrive, and each job saves starting a worker process for its commits.
 A part's name is fixed by the indices of the rows in it, so a batch re-run after an actor died
 rewrites the same file; the commit reads each index once whatever was delivered twice. Part
 files of a run that died are removed by the next run on the output (it holds the lease).
@@ -25,6 +28,7 @@ import io
 import logging
 import time
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -146,11 +150,42 @@ def commit_parts(layout: CorpusLayout, shard: str, shard_uri: str, run_id: str, 
 
 
 class Tasks(Protocol):
-    """Where commits run: Ray tasks in the pipeline (`pipeline.RayTasks`), threads in tests."""
+    """Where commits run: Ray tasks (`pipeline.RayTasks`) or the driver's threads (`ThreadTasks`)."""
 
     def submit(self, fn: Callable[..., dict[str, Any]], *args: Any) -> Any: ...
     def ready(self, handles: list[Any], wait: bool) -> list[Any]: ...
     def result(self, handle: Any) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+def task_failed(err: BaseException) -> dict[str, Any]:
+    """The outcome of a commit whose task or thread died or raised: its shard fails, not the run."""
+    first = (str(err).splitlines() or [""])[0][:300]
+    return {"failed": f"{S.STAGE_STORAGE}: the commit task failed: {type(err).__name__}: {first}"}
+
+
+class ThreadTasks:
+    """Commits in threads of this process (the store calls release the GIL)."""
+
+    def __init__(self, workers: int = 4) -> None:
+        self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dualtok-commit")
+
+    def submit(self, fn: Callable[..., dict[str, Any]], *args: Any) -> futures.Future:
+        return self.pool.submit(fn, *args)
+
+    def ready(self, handles: list[futures.Future], wait: bool) -> list[futures.Future]:
+        if wait and handles:
+            futures.wait(handles, return_when=futures.FIRST_COMPLETED)
+        return [h for h in handles if h.done()]
+
+    def result(self, handle: futures.Future) -> dict[str, Any]:
+        try:
+            return handle.result()
+        except Exception as err:  # as a Ray task's error: the shard fails and the next run redoes it
+            return task_failed(err)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass

@@ -108,6 +108,9 @@ class TokenizeConfig:
     max_error_fraction: float = 0.5  # exit 4 when more of this run's samples than this are errors; 1.0: never
     prefetch_batches: int = 4  # decoded batches in flight per encoder actor: bounds the object store's use
     max_shards: int | None = None  # tokenize at most this many pending shards this run
+    # where whole shards are committed from their token parts: "tasks" (Ray tasks: no token row reaches
+    # the driver), "driver" (the driver's threads), "auto" (the driver on a one-node cluster without GPUs)
+    commits: Literal["auto", "driver", "tasks"] = "auto"
     # A rerun whose bundle differs from the one the corpus was made with: "error" stops; "keep"
     # tokenizes the new shards with the new bundle (each marker records its bundle's fingerprint).
     on_bundle_change: Literal["error", "keep"] = "error"
@@ -211,7 +214,7 @@ def plan_from_config(config: TokenizeConfig, resources: Resources | None = None)
         passthrough=tuple(config.passthrough),
         encoder=resources.encoder, read_cpus=resources.read_cpus, read_actors=resources.read_actors,
         prefetch_batches=config.prefetch_batches,
-        max_shards=config.max_shards,
+        max_shards=config.max_shards, commits=config.commits,
         on_bundle_change=config.on_bundle_change, input_root=config.input_root, lease=config.lease,
         # the manifest records the resources the run used, sized or set
         storage_options=options, resolved_config=to_dict(dataclasses.replace(

@@ -32,7 +32,7 @@ import numpy as np
 from dualtok.pipelines.config import ConfigError
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.io.corpus import MARKER_INDEX, MARKERS_DIR, RUNS_DIR, CorpusLayout
-from dualtok.pipelines.io.token_parts import PartCommits, TokenParts
+from dualtok.pipelines.io.token_parts import PartCommits, Tasks, ThreadTasks, TokenParts, task_failed
 from dualtok.pipelines.io.shard_ids import assign_shard_ids, normalize_root
 from dualtok.pipelines.io.decode import DecodeConfig
 from dualtok.pipelines.io.lease import Lease, LeaseConfig
@@ -75,6 +75,7 @@ class TokenizePlan:
     on_bundle_change: Literal["error", "keep"]
     input_root: str | None  # shard ids are paths under it; None: the corpus's recorded root
     lease: LeaseConfig
+    commits: Literal["auto", "driver", "tasks"]  # where shards are committed: `commit_tasks`
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
     resolved_config: dict[str, Any] = field(default_factory=dict, hash=False)  # secrets already redacted
 
@@ -175,7 +176,8 @@ def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease:
         if not ray.is_initialized():
             ray.init()
         _warn_if_starved(plan.required_cpus)
-        writer = PartCommits(layout, {sid: ids[sid] for sid in pending}, run_id, RayTasks(), guard=lease.guard,
+        tasks = commit_tasks(plan.commits)
+        writer = PartCommits(layout, {sid: ids[sid] for sid in pending}, run_id, tasks, guard=lease.guard,
                              max_inflight=max(8, 2 * (plan.encoder.max_actors or plan.encoder.actors)))
         writer.clear(all_runs=True)  # parts a dead run left: this run holds the lease, they are nobody's
         parts = TokenParts(layout, run_id)
@@ -183,6 +185,7 @@ def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease:
         try:
             _drain(dataset, writer, total=len(pending), progress=progress)
         finally:
+            tasks.close()
             writer.clear()
     done, failed = (writer.done, writer.failed) if writer is not None else ({}, {})
     retries = writer.storage_retries if writer is not None else {}
@@ -372,8 +375,23 @@ class RayTasks:
         try:
             return self.ray.get(handle)
         except self.ray.exceptions.RayError as err:
-            return {"failed": f"{S.STAGE_STORAGE}: the commit task failed: {type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:300]}"}
+            return task_failed(err)
+
+    def close(self) -> None:
+        pass
+
+
+def commit_tasks(commits: str) -> Tasks:
+    """Where this run commits shards (`TokenizeConfig.commits`): "auto" is the driver's threads when
+    the cluster is one live node without GPUs (this machine: a few images/s, and no worker process
+    to start per job), Ray tasks otherwise (no token row reaches the driver)."""
+    import ray
+
+    if commits == "auto":
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        commits = "driver" if len(nodes) == 1 and not nodes[0]["Resources"].get("GPU") else "tasks"
+    logger.info("shards are committed in %s", "the driver's threads" if commits == "driver" else "Ray tasks")
+    return ThreadTasks() if commits == "driver" else RayTasks()
 
 
 def _write_manifest(plan: TokenizePlan, layout: CorpusLayout, run_id: str, summary: RunSummary,
