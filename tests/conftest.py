@@ -129,6 +129,9 @@ def ray_session(s3):
     inherits it. Yields its address: subprocess drivers (kill tests, `dualtok` runs) connect to it."""
     import ray
 
+    # Ray Train's controller polls its workers every 2 s, so each training run ends up to 2 s after its
+    # workers did; the cluster's processes inherit this from the process that starts it
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     context = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         yield context.address_info["gcs_address"]
