@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dualtok.pipelines.io.storage import commit_bytes, filesystem, join
+from dualtok.pipelines.io.storage import commit_bytes, filesystem, join, read_objects
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class OutputFolder:
         cached = (self.read_json_gz(index) or {}).get("markers", {}) if index else {}
         known = {rel: entry["marker"] for rel, entry in cached.items() if listed.get(rel) == entry.get("version")}
         fetch = [f"{root}/{rel}" for rel in listed if rel not in known]
-        bodies = self.fs.cat(fetch) if fetch else {}
+        bodies = read_objects(self.fs, fetch)
         read = {_relative(path, root): json.loads(body) for path, body in bodies.items()}
         return listed, {**known, **read}
 

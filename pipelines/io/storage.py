@@ -64,6 +64,15 @@ def object_version(info: dict[str, Any]) -> str:
     return f"mtime:{int(float(mtime or 0) * 1e9)}:size:{info.get('size', -1)}"
 
 
+def read_objects(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes]:
+    """Whole small objects this project wrote (markers, token parts: never empty), read concurrently
+    on async stores, one GET each. `start=0` is what keeps it one: without a range, s3fs looks each
+    object's size up first (to split large reads), which is a HEAD per object or, once a listing of
+    the folder is cached, a scan of that listing per object: quadratic, 80 % of a cold start-up over
+    10^5 markers (docs/scale.md). An empty object would be refused (HTTP 416) rather than read."""
+    return fs.cat(paths, start=0) if paths else {}
+
+
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of a URI. S3 clients retry transient errors with backoff (`_S3_RETRIES`)
     unless the user chose a retry policy (`config_kwargs.retries`, or AWS_MAX_ATTEMPTS/AWS_RETRY_MODE)."""

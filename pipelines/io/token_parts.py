@@ -40,7 +40,7 @@ from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.io.corpus import CorpusLayout, CorpusWriter, write_marker
 from dualtok.pipelines.io.lease import LeaseLostError, read_lease
 from dualtok.pipelines.io.outputs import OutputFolder, parquet_bytes
-from dualtok.pipelines.io.storage import STORE_ERRORS, StorageFault
+from dualtok.pipelines.io.storage import STORE_ERRORS, StorageFault, read_objects
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +129,10 @@ def commit_parts(layout: CorpusLayout, shard: str, shard_uri: str, run_id: str, 
     writer = CorpusWriter(layout, {shard: shard_uri}, run_id, guard=guard, write_marker=False)
     folder = layout.folder()
     try:
-        for name in parts:
-            body = folder.fs.cat_file(folder.path(PARTS_DIR, run_id, shard, name))
-            writer.add(S.inflight_columns(pq.read_table(io.BytesIO(body))))
+        paths = [folder.path(PARTS_DIR, run_id, shard, name) for name in parts]
+        bodies = read_objects(folder.fs, paths)
+        for path in paths:
+            writer.add(S.inflight_columns(pq.read_table(io.BytesIO(bodies[path]))))
         markers = writer.add(rows)
     except STORE_ERRORS as err:
         return {"failed": f"{S.STAGE_STORAGE}: reading token parts failed: {type(err).__name__}: {err}"}
