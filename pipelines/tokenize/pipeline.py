@@ -378,7 +378,7 @@ class RayTasks:
             return task_failed(err)
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the tasks are Ray's, and `PartCommits.finish` waited for them."""
 
 
 def commit_tasks(commits: str) -> Tasks:
