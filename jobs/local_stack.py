@@ -213,11 +213,10 @@ def _command_line(pid: int) -> str:
     return result.stdout.strip()
 
 
-def _stop_group(pid: int, what: str, marker: str, grace_s: float = 10.0) -> None:
-    """Stop process group `pid`: SIGTERM the whole group, then SIGKILL what is left. The group, not
-    its leader alone: `ray start --block` stops its node's processes itself on SIGTERM when idle, but
-    after a job it may not (the leader alone then cost `stack down` its whole grace period); GCS,
-    raylet and workers each exit on their own SIGTERM."""
+def _stop_group(pid: int, what: str, marker: str, grace_s: float = 5.0) -> None:
+    """Stop process group `pid`: SIGTERM its leader, then the whole group, then SIGKILL what is left.
+    The leader first: `ray start --block` stops its node's processes itself on SIGTERM when idle,
+    but after a job it may not, and then the group's processes must be signalled directly."""
     if pid <= 0 or not _group_alive(pid):
         return
     command = _command_line(pid)
@@ -225,11 +224,11 @@ def _stop_group(pid: int, what: str, marker: str, grace_s: float = 10.0) -> None
         # the pid was recycled by an unrelated process: not ours to signal
         logger.warning("%s: process %d is now %r, not the one this stack started; leaving it", what, pid, command)
         return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for signal_group, sig in ((False, signal.SIGTERM), (True, signal.SIGTERM), (True, signal.SIGKILL)):
         try:
-            os.killpg(pid, sig)
+            os.killpg(pid, sig) if signal_group else os.kill(pid, sig)
         except ProcessLookupError:
-            return
+            pass  # the leader is gone; the rest of its group is signalled next
         deadline = time.monotonic() + grace_s
         while _group_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
