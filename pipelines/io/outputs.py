@@ -112,7 +112,7 @@ class OutputFolder:
         One listing (paginated: ~1 request per 1000 markers) gives every marker's size and version
         (ETag, or mtime on a local disk). With `index`, a compacted copy of the markers as a run left
         them (`write_marker_index`), only markers whose listed version the index does not hold are
-        read; the rest are read concurrently (`fs.cat` on a list: s3fs batches the GETs). The
+        read; the rest are read concurrently, one GET each (`storage.read_objects`). The
         markers stay the truth: the index only saves reading ones that did not change."""
         _, found = self.markers_listed(folder, index)
         return {marker[key]: marker for marker in found.values()}
