@@ -10,6 +10,13 @@ Formats (each shard's files under `<output>/<split>/`, split = train | heldout):
   prefixes in Megatron's `--data-path`; its GPTDataset packs documents into `--seq-length` itself.
 - `parquet`: `<shard>.parquet` with `input_ids` (list<int32>) and, unpacked, the row's `key`:
   for Hugging Face `datasets`, Spark, DuckDB or any custom loader.
+- `mds`: MosaicML Streaming, written by its own `MDSWriter`: `<shard>/index.json` + `shard.*.mds`
+  (`input_ids` as `ndarray:uint16|int32`, unpacked also `key`), and `<split>/index.json`, rewritten
+  at the end of each run, merging every exported shard's index as `streaming.base.util.merge_index`
+  does, so `StreamingDataset(remote=<output>/train)` streams the whole split.
+- `webdataset`: `<shard>.tar`, one sample per sequence: `<n>.input_ids.npy` and, unpacked, `<n>.key.txt`
+  (`n` its 9-digit position in the shard: row keys may hold dots and slashes, which WebDataset
+  splits sample names on).
 
 Every sequence follows the contract in `dualtok_core.sequences` (written to `<output>/contract.json`,
 into each Parquet file's metadata and the manifest); `<output>/tokenizer/` is the text tokenizer
@@ -27,10 +34,16 @@ shard's output a function of that shard alone.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import io
 import json
 import logging
 import struct
+import sys
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,12 +57,14 @@ from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.io.corpus import MARKERS_DIR
 from dualtok.pipelines.io.outputs import OutputFolder, new_run_id, package_versions, parquet_bytes
 from dualtok.pipelines.io.storage import StorageConfig, filesystem, join, local_copy
+from dualtok.pipelines.shards.writer import add_tar_member
 
 logger = logging.getLogger(__name__)
 
-Format = Literal["megatron", "parquet"]
+Format = Literal["megatron", "parquet", "mds", "webdataset"]
 SPLITS = ("train", "heldout")
 CONTRACT_FILE, TOKENIZER_DIR, MANIFEST_FILE = "contract.json", "tokenizer", "manifest.json"
+MDS_INDEX = "index.json"  # MosaicML Streaming's index file name (`streaming.base.format.get_index_basename`)
 _MEGATRON_HEADER = b"MMIDIDX\x00\x00"
 _MEGATRON_DTYPES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}  # megatron.core's DType codes
 
@@ -61,7 +76,7 @@ class ExportConfig:
     corpus: str = ""  # the token corpus (the tokenize job's output)
     output: str = ""  # the export folder or URI: train/, heldout/, _committed/, contract.json, tokenizer/
     text_tokenizer: str = ""  # a transformers tokenizer folder (local or URI): the LLM's text ids
-    format: Format = "megatron"  # megatron (.bin + .idx) or parquet (input_ids per row or chunk)
+    format: Format = "megatron"  # megatron (.bin + .idx), parquet or webdataset (input_ids per row or chunk), mds (MosaicML)
     order: Literal["t2i", "i2t"] = "t2i"  # t2i: caption then image (generation); i2t: image then caption
     seq_len: int | None = None  # pack each shard's sequences into chunks of this many tokens; None: one per row
     heldout_fraction: float = 0.0  # share of rows (by a hash of their key) written to heldout/ instead of train/
@@ -79,6 +94,8 @@ class ExportConfig:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.seq_len is not None and self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (or unset), got {self.seq_len}")
+        if self.format == "mds":
+            streaming_base()  # before Ray starts: a missing package is a config error, not a failed task
 
 
 @dataclass
@@ -133,6 +150,70 @@ def megatron_files(sequences: list[np.ndarray], dtype: np.dtype) -> tuple[bytes,
     return data, index
 
 
+def streaming_base() -> Any:
+    """mosaicml-streaming's `streaming.base` (MDSWriter, StreamingDataset).
+
+    The package's `__init__` also imports `streaming.vision`, which imports torchvision, and PyPI's
+    torchvision does not import beside a local CPU torch build. Where that import is what fails,
+    `streaming.base` is loaded without the package `__init__`: the MDS writer and reader use none of
+    `streaming.vision`. Elsewhere (a GPU image with torchvision) it is the plain import."""
+    try:
+        import streaming.base as base
+
+        return base
+    except ModuleNotFoundError as err:
+        if err.name == "streaming":
+            raise ConfigError("format=mds needs mosaicml-streaming: pip install --no-deps 'mosaicml-streaming==0.13.0' "
+                              "plus dualtok's `mds` extra (its own dependencies, less torchvision)") from err
+        if err.name != "torchvision":
+            raise
+    spec = importlib.util.find_spec("streaming")
+    assert spec is not None  # found above: only its torchvision import failed
+    sys.modules["streaming"] = importlib.util.module_from_spec(spec)  # the package, its __init__ not run
+    import streaming.base as base
+
+    return base
+
+
+def mds_files(sequences: list[np.ndarray], keys: list[str] | None, dtype: np.dtype) -> dict[str, bytes]:
+    """file name -> bytes of one MDS dataset holding `sequences` (and `keys`), as `MDSWriter` writes it:
+    `index.json` and its `shard.*.mds` files."""
+    columns = {"input_ids": f"ndarray:{dtype.name}", **({"key": "str"} if keys is not None else {})}
+    with tempfile.TemporaryDirectory(prefix="dualtok-mds-") as tmp:
+        with streaming_base().MDSWriter(out=tmp, columns=columns, compression=None) as writer:
+            for i, sequence in enumerate(sequences):
+                writer.write({"input_ids": np.asarray(sequence, dtype=dtype),
+                              **({"key": keys[i]} if keys is not None else {})})
+        return {path.name: path.read_bytes() for path in sorted(Path(tmp).iterdir())}
+
+
+def webdataset_tar(sequences: list[np.ndarray], keys: list[str] | None, dtype: np.dtype) -> bytes:
+    """One tar with a WebDataset sample per sequence: `<n>.input_ids.npy` (+ `<n>.key.txt`)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for n, sequence in enumerate(sequences):
+            array = io.BytesIO()
+            np.save(array, np.asarray(sequence, dtype=dtype), allow_pickle=False)
+            members = {"input_ids.npy": array.getvalue(), **({"key.txt": keys[n].encode()} if keys is not None else {})}
+            for suffix, data in members.items():
+                add_tar_member(tar, f"{n:09d}.{suffix}", data)
+    return buffer.getvalue()
+
+
+def merged_mds_index(parts: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """One split's `index.json` over every exported shard's MDS files: each shard entry of each
+    sub-folder's index, its file names made relative to the split, as `merge_index` writes it."""
+    shards = []
+    for folder in sorted(parts):
+        for entry in parts[folder]:
+            entry = json.loads(json.dumps(entry))
+            for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+                if entry.get(key):
+                    entry[key]["basename"] = f"{folder}/{entry[key]['basename']}"
+            shards.append(entry)
+    return {"version": 2, "shards": shards}
+
+
 # ---- one corpus shard -> its export files (runs in a Ray task) ----------------------------------------
 @dataclass(frozen=True)
 class ShardJob:
@@ -181,26 +262,40 @@ class ExportShard:
             rows = [i for i in range(n) if chosen[i]]
             items = [sequences[i] for i in rows]
             chunks = pack(items, self.job.seq_len) if self.job.seq_len else items
-            self._write(split, shard, chunks, None if self.job.seq_len else [keys[i] for i in rows])
-            counts[split] = {"rows": len(rows), "sequences": len(chunks), "tokens": int(sum(len(c) for c in chunks))}
+            mds = self._write(split, shard, chunks, None if self.job.seq_len else [keys[i] for i in rows])
+            counts[split] = {"rows": len(rows), "sequences": len(chunks), "tokens": int(sum(len(c) for c in chunks)),
+                             **({"mds_shards": mds} if mds is not None else {})}
         return {"result": json.dumps(counts)}
 
-    def _write(self, split: str, shard: str, chunks: list[np.ndarray], keys: list[str] | None) -> None:
+    def _write(self, split: str, shard: str, chunks: list[np.ndarray], keys: list[str] | None
+               ) -> list[dict[str, Any]] | None:
         """A split's files for this shard; none when the split got no row here (the manifest lists
-        only files that exist)."""
+        only files that exist). For mds, the shard entries of the index it wrote (the driver merges
+        them into the split's index from the markers, reading no file back)."""
+        if self.job.format == "mds":
+            if not chunks:
+                return []
+            files = mds_files(chunks, keys, self.dtype)
+            for name in sorted(files, key=lambda n: n == MDS_INDEX):  # the index last: a reader opens it first
+                self.out.write(files[name], split, shard, name)
+            return json.loads(files[MDS_INDEX])["shards"]
         if not chunks:
-            return
+            return None
         if self.job.format == "megatron":
             data, index = megatron_files(chunks, self.dtype)
             self.out.write(data, split, f"{shard}.bin")
             self.out.write(index, split, f"{shard}.idx")  # after the .bin: a reader opens the index first
-            return
+            return None
+        if self.job.format == "webdataset":
+            self.out.write(webdataset_tar(chunks, keys, self.dtype), split, f"{shard}.tar")
+            return None
         columns: dict[str, Any] = {"input_ids": pa.array([c.astype(np.int32) for c in chunks],
                                                          pa.list_(pa.int32()))}
         if keys is not None:
             columns["key"] = pa.array(keys, pa.string())
         table = pa.table(columns).replace_schema_metadata({b"dualtok.sequence_contract": self.job.contract_json})
         self.out.write(parquet_bytes(table), split, f"{shard}.parquet")
+        return None
 
 
 def load_tokenizer(uri: str, storage_options: dict[str, Any] | None) -> Any:
@@ -310,11 +405,25 @@ def _finish(config: ExportConfig, out: OutputFolder, contract: Any, markers: dic
                             shards_committed=committed, rows=sums["rows"], tokens=sums["tokens"],
                             sequences=sums["sequences"], seconds=time.monotonic() - started,
                             contract=json.loads(contract.to_json()))
+    if config.format == "mds":  # each split's index over every shard exported so far, from the markers
+        for split in SPLITS:
+            parts = {s: m[split]["mds_shards"] for s, m in markers.items() if m[split]["sequences"]}
+            if parts:
+                out.write(json.dumps(merged_mds_index(parts), sort_keys=True).encode(), split, MDS_INDEX)
     manifest = {"kind": "export", "run_id": new_run_id(), "config": to_dict(config), "versions": package_versions(),
                 "settings": _settings(contract, config), "files": {
-                    split: sorted(f"{split}/{s}.{ext}" for s, m in markers.items() if m[split]["sequences"]
-                                  for ext in (("bin", "idx") if config.format == "megatron" else ("parquet",)))
+                    split: sorted(name for s, m in markers.items() if m[split]["sequences"]
+                                  for name in _file_names(config.format, split, s, m[split]))
                     for split in SPLITS},
                 "totals": sums, "shards": len(markers)}
     out.write_json(manifest, MANIFEST_FILE)
     return summary
+
+
+def _file_names(format: str, split: str, shard: str, counts: dict[str, Any]) -> list[str]:
+    """The files one shard's split was exported to, relative to the output."""
+    if format == "mds":
+        return [f"{split}/{shard}/{MDS_INDEX}", *(f"{split}/{shard}/{entry['raw_data']['basename']}"
+                                                  for entry in counts["mds_shards"])]
+    extensions = {"megatron": ("bin", "idx"), "parquet": ("parquet",), "webdataset": ("tar",)}[format]
+    return [f"{split}/{shard}.{ext}" for ext in extensions]

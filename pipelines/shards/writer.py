@@ -258,11 +258,12 @@ def _add_sample(
     if source.caption is not None:
         members["txt"] = source.caption.encode("utf-8")
     for member_ext in sorted(members):  # webdataset's TarWriter order: extensions sorted
-        _add_member(tar, f"{key}.{member_ext}", members[member_ext])
+        add_tar_member(tar, f"{key}.{member_ext}", members[member_ext])
     return row
 
 
-def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+def add_tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    """A regular file member with no clock, owner or mode of its own: the same payloads give the same tar."""
     info = tarfile.TarInfo(name)
     info.size = len(payload)
     info.mtime = 0
