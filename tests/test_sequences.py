@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -349,3 +350,17 @@ def test_webdataset_export_reads_back_with_webdataset(ray_session, corpus, text_
                                     format="webdataset"))
     assert again.shards_committed == len(ROWS_PER_FILE)
     assert all(Path(t).read_bytes() == (tmp_path / "wds2" / "train" / Path(t).name).read_bytes() for t in tars)
+
+
+def test_mds_export_without_mosaicml_streaming_is_refused_before_ray_starts(monkeypatch, corpus, tokenizer_dir,
+                                                                           tmp_path, capsys):
+    from dualtok.jobs.cli import main as cli
+
+    for name in [n for n in sys.modules if n == "streaming" or n.startswith("streaming.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "streaming", None)  # as if not installed: its import raises
+    assert cli(["export", f"corpus={corpus}", f"output={tmp_path / 'mds'}", f"text_tokenizer={tokenizer_dir}",
+                "format=mds"]) == 2
+    err = capsys.readouterr().err
+    assert "format=mds needs mosaicml-streaming" in err and "--no-deps" in err
+    assert not (tmp_path / "mds").exists()

@@ -162,7 +162,7 @@ def streaming_base() -> Any:
 
         return base
     except ModuleNotFoundError as err:
-        if err.name == "streaming":
+        if err.name in ("streaming", "streaming.base"):
             raise ConfigError("format=mds needs mosaicml-streaming: pip install --no-deps 'mosaicml-streaming==0.13.0' "
                               "plus dualtok's `mds` extra (its own dependencies, less torchvision)") from err
         if err.name != "torchvision":
