@@ -299,8 +299,10 @@ def test_s3_folder_source(s3, image_folder):
     bucket = s3.new_bucket()
     fs = s3.filesystem()
     fs.put(str(root) + "/", f"{bucket}/images/", recursive=True)
+    fs.pipe(f"{bucket}/images/b.txt", b"")  # an empty sidecar (a ranged read of it would be refused): no caption
     sources = sources_from_folder(f"s3://{bucket}/images", s3.storage_options)
     assert [s.uri for s in sources] == [f"s3://{bucket}/images/{rel}" for rel in sorted(files)]
+    assert [s.caption for s in sources] == [files[rel][1] for rel in sorted(files)]
     summary = write_shards(sources, f"s3://{bucket}/out", ShardWriterConfig(samples_per_shard=10), s3.storage_options)
     assert summary.successes == 5
     with tarfile.open(fileobj=io.BytesIO(fs.cat_file(summary.shards[0]))) as tar:

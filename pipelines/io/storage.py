@@ -65,7 +65,7 @@ def object_version(info: dict[str, Any]) -> str:
 
 
 def read_objects(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes]:
-    """Whole small objects this project wrote (markers, token parts: never empty), read concurrently
+    """Whole small objects (markers, token parts, caption sidecars; none empty), read concurrently
     on async stores, one GET each. `start=0` is what keeps it one: without a range, s3fs looks each
     object's size up first (to split large reads), which is a HEAD per object or, once a listing of
     the folder is cached, a scan of that listing per object: quadratic, 80 % of a cold start-up over

@@ -47,7 +47,7 @@ from dualtok.pipelines.io.decode import to_rgb_or_gray
 from dualtok.pipelines.io import schemas as S
 from dualtok.pipelines.config import ConfigError
 from dualtok.pipelines.io.outputs import parquet_bytes
-from dualtok.pipelines.io.storage import commit_bytes, full_uri
+from dualtok.pipelines.io.storage import commit_bytes, full_uri, read_objects
 
 logger = logging.getLogger(__name__)
 
@@ -354,14 +354,17 @@ def sources_from_folder(path: str, storage_options: dict[str, Any] | None = None
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     if not fs.isdir(root):
         raise DualtokError(f"{path} is not a folder")
-    files = sorted(f for f in fs.find(root) if not _hidden(posixpath.relpath(f, root)))
+    listed = {f: info for f, info in fs.find(root, detail=True).items() if not _hidden(posixpath.relpath(f, root))}
+    files = sorted(listed)
     images = [f for f in files if posixpath.splitext(f)[1].lower() in IMAGE_SUFFIXES]
     if not images:
         raise DualtokError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
-    present = set(files)
     sidecars = {img: posixpath.splitext(img)[0] + ".txt" for img in images}
-    wanted = sorted({txt for txt in sidecars.values() if txt in present})
-    texts = fs.cat(wanted) if wanted else {}  # one concurrent batch on async filesystems such as s3
+    wanted = sorted({txt for txt in sidecars.values() if txt in listed})
+    # one concurrent batch of single GETs on async stores (`read_objects`: no per-object size lookup,
+    # which scans the cached listing once per sidecar); an empty sidecar, legitimate here, is not read
+    texts = {txt: b"" for txt in wanted if not listed[txt].get("size")}
+    texts.update(read_objects(fs, [txt for txt in wanted if txt not in texts]))
     sources = []
     for img in images:
         text = texts.get(sidecars[img])
