@@ -75,6 +75,15 @@ def test_s3_to_s3_every_sample_accounted_and_tokens_match(ray_session, s3, tiny)
     manifest = json.loads(fs.cat_file(f"{bucket}/corpus/manifest.json"))
     assert manifest["corpus"]["rows"] + manifest["corpus"]["errors"] == manifest["corpus"]["samples"] == 15
     assert "dualtok-test-secret-value" not in json.dumps(manifest)
+    # the run left every marker, its own included, in the index at the version the store lists:
+    # the next start-up reads none of them
+    from dualtok.pipelines.io.corpus import MARKER_INDEX, MARKERS_DIR
+    from dualtok.pipelines.io.outputs import OutputFolder
+
+    out = OutputFolder(f"s3://{bucket}/corpus", s3.storage_options)
+    index = out.read_json_gz(MARKER_INDEX)["markers"]
+    assert {rel: entry["version"] for rel, entry in index.items()} == out.listed_versions(MARKERS_DIR)
+    assert len(index) == 3
 
     # rerun: nothing redone; a new shard is picked up incrementally
     markers_before = {p: fs.cat_file(p) for p in fs.find(f"{bucket}/corpus/_committed")}
@@ -279,9 +288,16 @@ def test_marker_index_saves_reads_but_the_markers_stay_the_truth(tmp_path, caplo
         out.write_json(marker, MARKERS_DIR, f"{sid}.json")
     versions, read = layout.committed_listed()
     assert read == markers and sorted(versions) == sorted(markers)
-    assert layout.compact_markers(versions, read, rewritten={"s3"}) == 4  # a marker rewritten since: not kept
+    assert layout.compact_markers(versions, read, written={}, failed={"s3"}) == 4  # failed this run: not kept
     assert "s3.json" not in out.read_json_gz(MARKER_INDEX)["markers"]
-    assert layout.compact_markers(versions, read, rewritten=set()) == 5
+    # a run's own markers go into the index at the version the store lists (one more listing)
+    out.write_json({"shard": "s3", "rows": 33}, MARKERS_DIR, "s3.json")
+    assert layout.compact_markers(versions, read, written={"s3": {"shard": "s3", "rows": 33}}, failed=set()) == 5
+    assert out.read_json_gz(MARKER_INDEX)["markers"]["s3.json"]["version"] == out.listed_versions(MARKERS_DIR)["s3.json"]
+    assert layout.committed()["s3"]["rows"] == 33
+    out.write_json(markers["s3"], MARKERS_DIR, "s3.json")
+    versions, read = layout.committed_listed()
+    assert layout.compact_markers(versions, read, written={}, failed=set()) == 5
     # the index serves unchanged markers: an entry edited in the index (only) shows through
     index = out.read_json_gz(MARKER_INDEX)
     index["markers"]["s1.json"]["marker"]["rows"] = 99

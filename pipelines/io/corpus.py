@@ -144,12 +144,21 @@ class CorpusLayout:
                 {marker["shard"]: marker for marker in markers.values()})
 
     def compact_markers(self, versions: dict[str, str], committed: dict[str, dict[str, Any]],
-                        rewritten: set[str]) -> int:
-        """Rewrite the marker index: the markers a run read at its start (`versions`, `committed`) less
-        those it `rewritten` since, whose new versions it does not know (the next run reads them)."""
-        return self.folder().write_marker_index(
-            MARKERS_DIR, MARKER_INDEX, {f"{sid}.json": v for sid, v in versions.items() if sid not in rewritten},
-            {f"{sid}.json": m for sid, m in committed.items()})
+                        written: dict[str, dict[str, Any]], failed: set[str]) -> int:
+        """Rewrite the marker index with every marker a run knows: those it read at its start
+        (`versions`, `committed`) and those it `written`, so that the next start-up reads none of them.
+        The versions of its own markers come from one more listing when it wrote any (~1 request per
+        1,000 markers; the run holds the output's lease, so nobody else wrote markers since). Shards
+        that `failed` this run are left out: the next run reads their markers, if any, from the store.
+        An entry is only ever used where the store still lists that version, so a version that
+        does not match (a marker missing from the listing) costs a read, never a wrong marker."""
+        if written:
+            listed = self.folder().listed_versions(MARKERS_DIR)
+            versions = {**versions, **{sid: listed[f"{sid}.json"] for sid in written if f"{sid}.json" in listed}}
+        markers = {**committed, **written}
+        keep = {f"{sid}.json": v for sid, v in versions.items() if sid not in failed and sid in markers}
+        return self.folder().write_marker_index(MARKERS_DIR, MARKER_INDEX, keep,
+                                                {f"{sid}.json": m for sid, m in markers.items()})
 
 
 class CorpusWriter:

@@ -119,12 +119,8 @@ class OutputFolder:
 
     def markers_listed(self, folder: str, index: str | None) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
         """(relative path -> listed version, relative path -> marker) of the markers under `folder`."""
-        self.fs.invalidate_cache()
+        listed = self.listed_versions(folder)
         root = self.path(folder)
-        if not self.fs.exists(root):
-            return {}, {}
-        listed = {_relative(path, root): _version(info) for path, info in self.fs.find(root, detail=True).items()
-                  if path.endswith(".json")}
         cached = (self.read_json_gz(index) or {}).get("markers", {}) if index else {}
         known = {rel: entry["marker"] for rel, entry in cached.items() if listed.get(rel) == entry.get("version")}
         fetch = [f"{root}/{rel}" for rel in listed if rel not in known]
@@ -132,12 +128,20 @@ class OutputFolder:
         read = {_relative(path, root): json.loads(body) for path, body in bodies.items()}
         return listed, {**known, **read}
 
+    def listed_versions(self, folder: str) -> dict[str, str]:
+        """relative path -> listed version of every JSON marker under `folder`: one listing, no reads."""
+        self.fs.invalidate_cache()
+        root = self.path(folder)
+        if not self.fs.exists(root):
+            return {}
+        return {_relative(path, root): _version(info) for path, info in self.fs.find(root, detail=True).items()
+                if path.endswith(".json")}
+
     def write_marker_index(self, folder: str, index: str, versions: Mapping[str, str],
                            markers: Mapping[str, dict[str, Any]]) -> int:
         """Compact markers into `index` (gzip JSON): for each relative path in `versions` (its version
         as a listing gave it) whose marker the caller has, both. No listing here: the caller passes the
-        listing it made, less the markers written since (those are read from the store next time).
-        Returns the markers kept."""
+        versions it listed. Returns the markers kept."""
         entries = {rel: {"version": version, "marker": markers[rel]}
                    for rel, version in versions.items() if rel in markers}
         body = json.dumps({"format": 1, "folder": folder, "markers": entries}, separators=(",", ":")).encode()

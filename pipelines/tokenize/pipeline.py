@@ -203,7 +203,7 @@ def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease:
     corpus = {**committed, **done}
     _write_manifest(plan, layout, run_id, summary, info, corpus)
     try:
-        layout.compact_markers(versions, committed, set(done) | set(failed))
+        layout.compact_markers(versions, committed, done, set(failed))
     except StorageFault as fault:  # the index is a cache: the next run reads the markers themselves
         logger.warning("could not write the marker index (the next run reads every marker): %s", fault)
     return summary
