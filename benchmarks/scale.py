@@ -3,10 +3,13 @@
     python benchmarks/scale.py                                # throughput + start-up at 10^3, 10^4, 10^5 markers
     python benchmarks/scale.py --markers 1000,10000 --shards 60   # a quicker pass
     python benchmarks/scale.py --store rclone --shards 0 --markers 100000   # start-up on `rclone serve s3`
+    python benchmarks/scale.py --store seaweedfs --shards 0 --markers 100000   # start-up on SeaweedFS
 
 Everything but the encoder runs as `dualtok tokenize` runs it, against S3 on loopback (a moto
-server this script starts, or with `--store rclone` `rclone serve s3` over a temporary folder: moto
-scans the whole bucket for every list page, which makes its listing quadratic at 10^5 keys): listing, reading tars, decoding JPEGs, the object store, the driver,
+server this script starts, or `rclone serve s3` or SeaweedFS over a temporary folder with `--store
+rclone|seaweedfs`: moto scans the whole bucket for every list page and rclone the whole folder, which
+makes their listings quadratic at 10^5 keys; SeaweedFS lists a page like S3, at a cost independent of
+the folder's size): listing, reading tars, decoding JPEGs, the object store, the driver,
 the per-shard commits, the markers and the manifests. The encoder is `StandInEncoder` below: it
 returns all-zero ids of the bundle's widths without computing anything, so the rest is measured at
 the row rates a GPU cluster would feed it. It is a benchmark stand-in: defined here, passed to
