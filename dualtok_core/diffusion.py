@@ -26,7 +26,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase
 
 from dualtok_core.errors import BundleError, DualtokError, ImageInputError, TokenInputError, require_safetensors
-from dualtok_core.imaging import resize_float
+from dualtok_core.imaging import per_image_on_cpu, resize_float
 
 logger = logging.getLogger(__name__)
 
@@ -427,7 +427,8 @@ class DiffusionReconstructor(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [0, 1] -> scaled latent mean (B, 4, S/f, S/f); the mean keeps it deterministic."""
         x = images.to(self.vae.device, self.vae.dtype) * 2.0 - 1.0  # (B, 3, S, S) in [-1, 1]
-        return self.scale_latents(self.vae.encode(x).latent_dist.mean)  # (B, 4, S/f, S/f)
+        mean = per_image_on_cpu(lambda chunk: self.vae.encode(chunk).latent_dist.mean, x)  # (B, 4, S/f, S/f)
+        return self.scale_latents(mean)
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents -> the scale the UNet works at (SD's shift and scaling_factor); `decode` inverts it."""
@@ -439,7 +440,7 @@ class DiffusionReconstructor(nn.Module):
         """Scaled latents (B, 4, h, w) -> images (B, 3, h*f, w*f) float32 in [0, 1]."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
-        x = self.vae.decode(z).sample  # (B, 3, S, S) in about [-1, 1]
+        x = per_image_on_cpu(lambda chunk: self.vae.decode(chunk).sample, z)  # (B, 3, S, S) in about [-1, 1]
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     # ---- public entry points ------------------------------------------------------------

@@ -31,7 +31,7 @@ from diffusers.utils import BaseOutput
 
 from dualtok_core.checkpoints import LoadReport, read_tensors
 from dualtok_core.errors import BundleError, DualtokError, ImageInputError, TokenInputError
-from dualtok_core.imaging import check_token_ids, resize_float
+from dualtok_core.imaging import check_token_ids, per_image_on_cpu, resize_float
 from dualtok_core.preprocess import check_preprocess
 
 logger = logging.getLogger(__name__)
@@ -238,9 +238,12 @@ class GuideVQModel(ModelMixin, ConfigMixin):
         return images.to(self.device, self.dtype)
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) in [0, 1] -> the unquantized latents z_e, (B, D, grid, grid)."""
+        """(B, 3, S, S) in [0, 1] -> the unquantized latents z_e, (B, D, grid, grid).
+
+        Without autograd on a CPU, one image at a time (`per_image_on_cpu`): the encoder's
+        full-resolution activations of a whole batch do not fit in the caches."""
         x = self._check_images(images) * 2.0 - 1.0  # (B, 3, S, S) in [-1, 1], MoVQ's input range
-        return self.quant_conv(self.encoder(x))  # (B, D, h, w)
+        return per_image_on_cpu(lambda chunk: self.quant_conv(self.encoder(chunk)), x)  # (B, D, h, w)
 
     def nearest_codes(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) latents -> (B, h*w) ids of the nearest codebook vectors (ties: lowest id)."""

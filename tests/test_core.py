@@ -43,6 +43,29 @@ def test_tokenize_shapes_dtypes_and_ranges(tiny, photos):
     np.testing.assert_array_equal(np.concatenate([t.semantic for t in single]), tokens.semantic)
 
 
+def test_cpu_encoders_go_image_by_image_and_compute_what_the_whole_batch_does(tiny, photos):
+    """`per_image_on_cpu`: without autograd on a CPU the guide encoder and the VAE run one image at a
+    time (faster: the activations fit in the caches); with autograd they get the whole batch. Both
+    give the same latents, so the same ids."""
+    from dualtok_core import imaging
+
+    guide, vae = tiny.part("guide"), tiny.part("diffusion")
+    x = tiny._model_input(photos, "guide")
+    calls: list[int] = []
+    with torch.no_grad():
+        alone = imaging.per_image_on_cpu(lambda chunk: calls.append(len(chunk)) or guide.encode_latents(chunk), x)
+        image_by_image = guide.encode_latents(x)
+        latents = vae.encode(x)
+    assert calls == [1, 1, 1]
+    with torch.enable_grad():  # the whole batch at once, as in training
+        whole = guide.encode_latents(x).detach()
+        whole_vae = vae.encode.__wrapped__(vae, x)  # encode is no_grad-decorated: its undecorated body
+    torch.testing.assert_close(image_by_image, whole, rtol=1e-3, atol=1e-4)  # float32 sums in another order
+    torch.testing.assert_close(alone, whole, rtol=1e-3, atol=1e-4)  # float32 sums in another order
+    torch.testing.assert_close(latents, whole_vae.detach(), rtol=1e-3, atol=1e-4)  # float32 sums in another order
+    assert torch.equal(guide.nearest_codes(image_by_image), guide.nearest_codes(whole))
+
+
 def test_guide_images_and_detokenize(tiny, photos):
     tokens = tiny.tokenize(photos[:2])
     guides = tiny.guide_images(tokens.guide)
