@@ -33,6 +33,7 @@ shard's output a function of that shard alone.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import io
@@ -206,7 +207,7 @@ def merged_mds_index(parts: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     shards = []
     for folder in sorted(parts):
         for entry in parts[folder]:
-            entry = json.loads(json.dumps(entry))
+            entry = copy.deepcopy(entry)
             for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
                 if entry.get(key):
                     entry[key]["basename"] = f"{folder}/{entry[key]['basename']}"
@@ -420,10 +421,10 @@ def _finish(config: ExportConfig, out: OutputFolder, contract: Any, markers: dic
     return summary
 
 
-def _file_names(format: str, split: str, shard: str, counts: dict[str, Any]) -> list[str]:
-    """The files one shard's split was exported to, relative to the output."""
-    if format == "mds":
+def _file_names(kind: str, split: str, shard: str, counts: dict[str, Any]) -> list[str]:
+    """The files one shard's split was exported to (as format `kind`), relative to the output."""
+    if kind == "mds":
         return [f"{split}/{shard}/{MDS_INDEX}", *(f"{split}/{shard}/{entry['raw_data']['basename']}"
                                                   for entry in counts["mds_shards"])]
-    extensions = {"megatron": ("bin", "idx"), "parquet": ("parquet",), "webdataset": ("tar",)}[format]
+    extensions = {"megatron": ("bin", "idx"), "parquet": ("parquet",), "webdataset": ("tar",)}[kind]
     return [f"{split}/{shard}.{ext}" for ext in extensions]
