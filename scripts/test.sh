@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 # torch==2.13.0 is the local CPU build; naming it keeps pip from fetching a multi-GB CUDA build.
 python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[test]"
 # MosaicML Streaming reads `dualtok export format=mds` back; --no-deps: it declares torchvision, which
-# would replace the CPU torch (its own imports are in the `mds` extra, installed just above).
-python -m pip install --quiet --disable-pip-version-check --no-deps "mosaicml-streaming==0.13.0"
+# would replace the CPU torch (its own imports are in the `mds` extra, installed just above). The
+# requirements it declares and does not need (torchvision, numpy<2.2, cloud SDKs) are known: not warned.
+python -m pip install --quiet --disable-pip-version-check --no-deps --no-warn-conflicts "mosaicml-streaming==0.13.0"
 
 # The audit report is checked in a real headless browser (Debian's chromium).
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
