@@ -1,6 +1,6 @@
 """The small-scale reproduction of the paper's comparison: docs/reproduction.md, made by one command.
 
-    python benchmarks/reproduction/reproduce.py            # ~55 min on 2 CPU cores (54.4 and 54.4 measured)
+    python benchmarks/reproduction/reproduce.py            # ~55 min on 2 CPU cores (54.4 measured in each of two runs)
     python benchmarks/reproduction/reproduce.py --page-only  # the page again from the last run's outputs
     python benchmarks/reproduction/reproduce.py --quick    # the same path at 2 steps per stage (~5 min):
                                                            # a smoke test, its page in dualtok-repro/quick/docs/
