@@ -167,9 +167,9 @@ def per_image_on_cpu(fn: Any, batch: torch.Tensor) -> torch.Tensor:
     CPU without autograd. A convolutional encoder's full-resolution activations of a whole batch
     do not fit in a CPU's caches; image by image they mostly do. Measured with the `small` preset's
     guide encoder (256 px): 141 against 238 ms an image at batch 16 on 1 thread, 82 against 136 on 2;
-    its diffusion VAE, ~12 % (docs/benchmarks.md). Per-image layers (convolutions, GroupNorm) give each image the same result
-    either way, and an image's ids no longer depend on the batch it came in. GPUs, and training,
-    get the whole batch."""
+    its diffusion VAE, ~12 % (docs/benchmarks.md). Per-image layers (convolutions, GroupNorm) give
+    each image the same result either way (to float32 rounding), and an image's ids no longer depend
+    on the batch it came in. GPUs, and training, get the whole batch."""
     if batch.device.type != "cpu" or torch.is_grad_enabled() or batch.shape[0] <= 1:
         return fn(batch)
     return torch.cat([fn(image) for image in batch.split(1)])

@@ -273,29 +273,26 @@ class ExportShard:
         """A split's files for this shard; none when the split got no row here (the manifest lists
         only files that exist). For mds, the shard entries of the index it wrote (the driver merges
         them into the split's index from the markers, reading no file back)."""
+        if not chunks:
+            return [] if self.job.format == "mds" else None
         if self.job.format == "mds":
-            if not chunks:
-                return []
             files = mds_files(chunks, keys, self.dtype)
             for name in sorted(files, key=lambda n: n == MDS_INDEX):  # the index last: a reader opens it first
                 self.out.write(files[name], split, shard, name)
             return json.loads(files[MDS_INDEX])["shards"]
-        if not chunks:
-            return None
         if self.job.format == "megatron":
             data, index = megatron_files(chunks, self.dtype)
             self.out.write(data, split, f"{shard}.bin")
             self.out.write(index, split, f"{shard}.idx")  # after the .bin: a reader opens the index first
-            return None
-        if self.job.format == "webdataset":
+        elif self.job.format == "webdataset":
             self.out.write(webdataset_tar(chunks, keys, self.dtype), split, f"{shard}.tar")
-            return None
-        columns: dict[str, Any] = {"input_ids": pa.array([c.astype(np.int32) for c in chunks],
-                                                         pa.list_(pa.int32()))}
-        if keys is not None:
-            columns["key"] = pa.array(keys, pa.string())
-        table = pa.table(columns).replace_schema_metadata({b"dualtok.sequence_contract": self.job.contract_json})
-        self.out.write(parquet_bytes(table), split, f"{shard}.parquet")
+        else:
+            columns: dict[str, Any] = {"input_ids": pa.array([c.astype(np.int32) for c in chunks],
+                                                             pa.list_(pa.int32()))}
+            if keys is not None:
+                columns["key"] = pa.array(keys, pa.string())
+            table = pa.table(columns).replace_schema_metadata({b"dualtok.sequence_contract": self.job.contract_json})
+            self.out.write(parquet_bytes(table), split, f"{shard}.parquet")
         return None
 
 
