@@ -8,6 +8,9 @@ such a script does; `--workers` is the one knob the benchmark sweeps to give it 
     python benchmarks/plain_dataloader.py --inputs 's3://bucket/shards/{00000..00015}.tar' \
         --output /tmp/codes --workers 1 --batch-size 16
 
+It computes in float32 unless `--dtype bfloat16`: the weights as the bundle stores them, as such a
+script does unless its author casts them.
+
 S3 is read through fsspec (`AWS_ENDPOINT_URL` and the usual AWS variables pick the endpoint).
 """
 
@@ -60,10 +63,11 @@ def make_loader(inputs: str, size: int, batch_size: int, workers: int) -> DataLo
                       prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
-def extract(inputs: str, output: str, bundle: str, batch_size: int, workers: int, seed: int = 0) -> dict[str, Any]:
+def extract(inputs: str, output: str, bundle: str, batch_size: int, workers: int, seed: int = 0,
+            dtype: str = "float32") -> dict[str, Any]:
     """Tokenize every image of `inputs` into `output/<key>.npy` (guide ids then semantic ids, uint16)."""
     started = time.monotonic()
-    tokenizer = BundleSource(bundle, seed=seed).load(("guide", "semantic"))
+    tokenizer = BundleSource(bundle, seed=seed).load(("guide", "semantic")).to(getattr(torch, dtype))
     size = max(tokenizer.part("guide").config.image_size, tokenizer.part("semantic").config.image_size)
     os.makedirs(output, exist_ok=True)
     images = 0
@@ -77,7 +81,7 @@ def extract(inputs: str, output: str, bundle: str, batch_size: int, workers: int
         raise RuntimeError(f"no images read from {inputs}")
     seconds = time.monotonic() - started
     return {"images": images, "seconds": seconds, "images_per_second": images / seconds, "workers": workers,
-            "batch_size": batch_size, "torch_threads": torch.get_num_threads()}
+            "batch_size": batch_size, "torch_threads": torch.get_num_threads(), "dtype": dtype}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (0: decode inline)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    # float32: the weights as a bundle stores them, what a script that does not cast them computes in
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", help="write the result here as JSON")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = extract(args.inputs, args.output, args.bundle, args.batch_size, args.workers, args.seed)
+    result = extract(args.inputs, args.output, args.bundle, args.batch_size, args.workers, args.seed, args.dtype)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle)

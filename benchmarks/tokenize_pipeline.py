@@ -6,13 +6,16 @@
 Everything runs on this machine: a moto S3 server on a free loopback port (started and stopped
 here, as tests/conftest.py does), sample-photo shards written to it, then:
 
-1. calibration, in one fresh process: decode+resize seconds per image and model seconds per image
-   (guide + semantic, `--threads` torch threads) -> efficiency = pipeline images/s x their sum;
-2. the pipeline at 1x (a quarter of the shards) and 4x (all of them), each in a fresh local Ray
+1. the pipeline at 1x (a quarter of the shards) and 4x (all of them), each in a fresh local Ray
    session whose memory (RSS of the driver and every process under it) a thread samples;
-3. `plain_dataloader.py` with 0, 1 and 2 DataLoader workers on two shards, then the best count on
-   all shards -> the pipeline / plain ratio;
-4. the token columns' bytes on disk per image (Parquet column-chunk sizes) vs raw uint16.
+2. calibration, in one fresh process, in the dtype the job chose (its manifest): decode+resize
+   seconds per image and model seconds per image (guide + semantic, `--threads` torch threads)
+   -> efficiency = pipeline images/s x their sum;
+3. `plain_dataloader.py` (float32, as such a script computes unless cast) with 0, 1 and 2 DataLoader
+   workers on two shards, then the best count on all shards -> the pipeline / plain ratio; where the
+   job chose another dtype, the best count again in that dtype -> the ratio at the same dtype;
+4. the ceiling: one 1-thread plain process per CPU on disjoint shards, in the job's dtype;
+5. the token columns' bytes on disk per image (Parquet column-chunk sizes) vs raw uint16.
 """
 
 from __future__ import annotations
@@ -205,9 +208,11 @@ def s3_server() -> Iterator[tuple[str, int]]:
         proc.wait(timeout=10)
 
 
-def calibrate(shard_uris: list[str], bundle: str, count: int, batch_size: int, threads: int) -> dict[str, float]:
+def calibrate(shard_uris: list[str], bundle: str, count: int, batch_size: int, threads: int,
+              dtype: str) -> dict[str, float]:
     """Serial seconds per image in ONE process: decode+resize (PIL, one thread), then each branch
-    with `threads` torch threads and with 1 (what efficiency weighs the pipeline's throughput by)."""
+    in `dtype` with `threads` torch threads and with 1 (what efficiency weighs the pipeline's
+    throughput by)."""
     import numpy as np
     import torch
 
@@ -215,14 +220,15 @@ def calibrate(shard_uris: list[str], bundle: str, count: int, batch_size: int, t
     from dualtok.pipelines.io.shards import iter_samples
     from dualtok.pipelines.actors import BundleSource
 
-    tokenizer = BundleSource(bundle).load(("guide", "semantic"))
+    tokenizer = BundleSource(bundle).load(("guide", "semantic")).to(getattr(torch, dtype))
     size = max(tokenizer.part(p).config.image_size for p in ("guide", "semantic"))  # as the pipeline decodes
     config = DecodeConfig(size=size)
     samples = (sample for uri in shard_uris for sample in iter_samples(uri))  # lazily: stop at `count`
     blobs = [sample.image_bytes()[1] for sample in itertools.islice(samples, count)]
     start = time.perf_counter()
     pixels = np.stack([decode_image(b, config).pixels for b in blobs])  # (N, S, S, 3) uint8
-    result = {"decode_s": (time.perf_counter() - start) / len(blobs), "threads": threads, "images": len(blobs)}
+    result = {"decode_s": (time.perf_counter() - start) / len(blobs), "threads": threads, "images": len(blobs),
+              "dtype": dtype}
     for n_threads, suffix in ((threads, ""), (1, "_1thread")):
         torch.set_num_threads(n_threads)
         for name, encode in (("guide", tokenizer.encode_guide), ("semantic", tokenizer.encode_semantic)):
@@ -271,28 +277,30 @@ def run_pipeline(inputs: str, output: str, config: BenchConfig, exclude: set[int
     summary = manifest["this_run"]
     return {"images": summary["images"], "errors": summary["errors"], "seconds": seconds,
             "images_per_second": summary["images"] / seconds, "job_seconds": summary["seconds"],
+            "dtype": manifest["bundle"]["dtype"],
             "resources": {k: manifest["config"][k] for k in ("read_cpus", "read_actors", "encoder")},
             "peak_rss_bytes": session.peak, "peak_pss_bytes": session.peak_pss, "memory_samples": session.samples, "rss_at_peak": session.at_peak,
             "cpu_seconds": sum(session.cpu_by_title().values()), "cpu_by_process": session.cpu_by_title(),
             "sampler_cpu_seconds": session.own_cpu}
 
 
-def run_plain(inputs: str, workers: int, config: BenchConfig, scratch: str) -> dict[str, Any]:
+def run_plain(inputs: str, workers: int, config: BenchConfig, scratch: str, dtype: str = "float32") -> dict[str, Any]:
     """`plain_dataloader.py` in its own process, as users run it (torch's default threads)."""
-    process, result = _start_plain(inputs, workers, config, scratch)
+    process, result = _start_plain(inputs, workers, config, scratch, dtype=dtype)
     if process.wait() != 0:
         raise RuntimeError(f"plain_dataloader.py failed on {inputs} (exit {process.returncode})")
     with open(result) as handle:
         return json.load(handle)
 
 
-def run_plain_split(bucket: str, config: BenchConfig, scratch: str) -> dict[str, Any]:
-    """The machine's ceiling for this work: one single-threaded plain process per CPU, all at once,
-    each on its own contiguous part of the shards. No pipeline on these CPUs can do the same work
-    faster; the pipeline's ratio to this is its overhead (Ray, the driver, the commit protocol)."""
+def run_plain_split(bucket: str, config: BenchConfig, scratch: str, dtype: str) -> dict[str, Any]:
+    """The machine's ceiling for this work in `dtype`: one single-threaded plain process per CPU, all
+    at once, each on its own contiguous part of the shards. No pipeline computing in `dtype` on these
+    CPUs can do the same work faster; the pipeline's ratio to this is its overhead (Ray, the driver,
+    the commit protocol)."""
     parts = min(config.cpus, config.shards)
     bounds = [config.shards * i // parts for i in range(parts + 1)]
-    started = [_start_plain(shard_pattern(bucket, hi, lo), 0, config, scratch, threads=1)
+    started = [_start_plain(shard_pattern(bucket, hi, lo), 0, config, scratch, threads=1, dtype=dtype)
                for lo, hi in zip(bounds, bounds[1:])]
     runs = []
     for process, result in started:
@@ -301,16 +309,17 @@ def run_plain_split(bucket: str, config: BenchConfig, scratch: str) -> dict[str,
         with open(result) as handle:
             runs.append(json.load(handle))
     images, seconds = sum(r["images"] for r in runs), max(r["seconds"] for r in runs)
-    return {"processes": parts, "images": images, "seconds": seconds, "images_per_second": images / seconds}
+    return {"processes": parts, "images": images, "seconds": seconds, "images_per_second": images / seconds,
+            "dtype": dtype}
 
 
 def _start_plain(inputs: str, workers: int, config: BenchConfig, scratch: str,
-                 threads: int | None = None) -> tuple[subprocess.Popen, str]:
+                 threads: int | None = None, dtype: str = "float32") -> tuple[subprocess.Popen, str]:
     out = tempfile.mkdtemp(dir=scratch, prefix=f"plain-w{workers}-")
     result = os.path.join(out, "result.json")
     command = [sys.executable, str(HERE / "plain_dataloader.py"), "--inputs", inputs, "--output", out,
                "--bundle", config.bundle, "--batch-size", str(config.batch_size), "--workers", str(workers),
-               "--json", result, *(["--threads", str(threads)] if threads else [])]
+               "--dtype", dtype, "--json", result, *(["--threads", str(threads)] if threads else [])]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=REPO), result
 
 
@@ -416,6 +425,7 @@ class Results:
     pipeline_4x: dict[str, Any] = field(default_factory=dict)
     plain_sweep: dict[int, dict[str, Any]] = field(default_factory=dict)
     plain_best: dict[str, Any] = field(default_factory=dict)
+    plain_same_dtype: dict[str, Any] = field(default_factory=dict)  # the best count in the job's dtype
     plain_split: dict[str, Any] = field(default_factory=dict)
     storage: dict[str, Any] = field(default_factory=dict)
     storage_uniform: dict[str, Any] = field(default_factory=dict)
@@ -439,11 +449,6 @@ def run_benchmark(config: BenchConfig, scratch: str) -> Results:
         shards = in_fresh_process(write_shards, output=f"s3://{bucket}/shards", photos=config.photos,
                                   per_shard=config.per_shard)
         logger.info("wrote %d photos in %d shards to %s", config.photos, len(shards), url)
-        threads = config.threads or config.cpus
-        results.calibration = in_fresh_process(
-            calibrate, shard_uris=shards, bundle=config.bundle, count=config.calibration_images,
-            batch_size=config.batch_size, threads=threads)
-        logger.info("calibration: %s", results.calibration)
         quarter = max(1, config.shards // 4)
         results.pipeline_1x = run_pipeline(shard_pattern(bucket, quarter), f"s3://{bucket}/corpus-1x",
                                            config, {moto_pid})
@@ -451,6 +456,11 @@ def run_benchmark(config: BenchConfig, scratch: str) -> Results:
         results.pipeline_4x = run_pipeline(shard_pattern(bucket, config.shards), f"s3://{bucket}/corpus-4x",
                                            config, {moto_pid})
         logger.info("pipeline 4x: %s", results.pipeline_4x)
+        dtype = results.pipeline_4x["dtype"]  # what the job chose for this machine
+        results.calibration = in_fresh_process(
+            calibrate, shard_uris=shards, bundle=config.bundle, count=config.calibration_images,
+            batch_size=config.batch_size, threads=config.threads or config.cpus, dtype=dtype)
+        logger.info("calibration: %s", results.calibration)
         sweep_inputs = shard_pattern(bucket, min(config.sweep_shards, config.shards))
         for workers in config.workers:
             results.plain_sweep[workers] = run_plain(sweep_inputs, workers, config, scratch)
@@ -458,7 +468,11 @@ def run_benchmark(config: BenchConfig, scratch: str) -> Results:
         best = max(results.plain_sweep, key=lambda w: results.plain_sweep[w]["images_per_second"])
         results.plain_best = run_plain(shard_pattern(bucket, config.shards), best, config, scratch)
         logger.info("plain, best (%d workers), all shards: %s", best, results.plain_best)
-        results.plain_split = run_plain_split(bucket, config, scratch)
+        results.plain_same_dtype = results.plain_best
+        if dtype != results.plain_best["dtype"]:
+            results.plain_same_dtype = run_plain(shard_pattern(bucket, config.shards), best, config, scratch, dtype)
+            logger.info("plain, best (%d workers), all shards, %s: %s", best, dtype, results.plain_same_dtype)
+        results.plain_split = run_plain_split(bucket, config, scratch, dtype)
         logger.info("plain, one 1-thread process per CPU on split shards: %s", results.plain_split)
         results.storage = corpus_bytes(f"s3://{bucket}/corpus-4x")
         results.storage_uniform = uniform_token_corpus(f"s3://{bucket}/corpus-4x", scratch, config.per_shard)
@@ -475,7 +489,8 @@ def ratios(r: Results) -> dict[str, float]:
         "efficiency_per_cpu_1thread": pipeline * (r.calibration["decode_s"] + r.calibration["model_s_1thread"])
         / r.config["cpus"],
         "vs_plain": pipeline / r.plain_best["images_per_second"],
-        "ceiling_vs_plain": r.plain_split["images_per_second"] / r.plain_best["images_per_second"],
+        "vs_plain_same_dtype": pipeline / r.plain_same_dtype["images_per_second"],
+        "ceiling_vs_plain": r.plain_split["images_per_second"] / r.plain_same_dtype["images_per_second"],
         "vs_ceiling": pipeline / r.plain_split["images_per_second"],
         "memory_4x_over_1x": r.pipeline_4x["peak_rss_bytes"] / r.pipeline_1x["peak_rss_bytes"],
         "memory_4x_over_1x_pss": r.pipeline_4x["peak_pss_bytes"] / r.pipeline_1x["peak_pss_bytes"],
@@ -501,7 +516,8 @@ def report_lines(r: Results) -> list[str]:
          f"{cal['model_s'] * 1e3:.0f} ms model, {cal['threads']} threads, 1 process)")),
         ("pipeline / plain DataLoader", r.ratios["vs_plain"], ">=", TARGETS["vs_plain"],
          (f"{p4['images_per_second']:.2f} vs {plain['images_per_second']:.2f} img/s "
-         f"(plain: {plain['workers']} workers, best of {sorted(r.plain_sweep)})")),
+         f"(pipeline: {p4['dtype']}, the job's choice here; plain: {plain['dtype']}, {plain['workers']} "
+         f"workers, best of {sorted(r.plain_sweep)})")),
         ("peak memory 4x / 1x", r.ratios["memory_4x_over_1x"], "<=", TARGETS["memory_4x_over_1x"],
          (f"{p4['peak_rss_bytes'] / 2**20:.0f} MiB ({p4['images']} img) vs {p1['peak_rss_bytes'] / 2**20:.0f} MiB "
          f"({p1['images']} img); by PSS (shared pages counted once): {r.ratios['memory_4x_over_1x_pss']:.3f}")),
@@ -526,7 +542,8 @@ def detail_lines(r: Results) -> list[str]:
     lines = [(f"- machine: {r.machine['cpus']} CPUs, {r.machine['memory_gib']} GiB; load average (1/5/15 min) "
              f"before {_load(r.machine['load_before'])}, after {_load(r.machine['load_after'])}; "
              f"python {r.machine['python']}, torch {r.machine['torch']}, ray {r.machine['ray']}"),
-             (f"- calibration ({cal['images']} images, one process): decode+resize {cal['decode_s'] * 1e3:.1f} ms; "
+             (f"- calibration ({cal['images']} images, one process, {cal['dtype']}): decode+resize "
+             f"{cal['decode_s'] * 1e3:.1f} ms; "
              f"with {cal['threads']} torch threads guide {cal['guide_s'] * 1e3:.0f} ms + semantic "
              f"{cal['semantic_s'] * 1e3:.0f} ms, with 1 thread {cal['guide_s_1thread'] * 1e3:.0f} + "
              f"{cal['semantic_s_1thread'] * 1e3:.0f} ms per image"),
@@ -543,12 +560,16 @@ def detail_lines(r: Results) -> list[str]:
     for workers, run in sorted(r.plain_sweep.items()):
         lines.append(f"- plain DataLoader, {workers} workers, {run['images']} images: "
                      f"{run['images_per_second']:.2f} img/s (torch threads {run['torch_threads']})")
-    lines.append(f"- plain DataLoader, best ({r.plain_best['workers']} workers), {r.plain_best['images']} images: "
-                 f"{r.plain_best['images_per_second']:.2f} img/s")
+    plain, same = r.plain_best, r.plain_same_dtype
+    lines.append(f"- plain DataLoader, best ({plain['workers']} workers), {plain['images']} images, {plain['dtype']}: "
+                 f"{plain['images_per_second']:.2f} img/s")
+    if same is not plain:
+        lines.append(f"- plain DataLoader, the same in {same['dtype']} (the job's dtype): "
+                     f"{same['images_per_second']:.2f} img/s; the pipeline is {r.ratios['vs_plain_same_dtype']:.3f}x it")
     split = r.plain_split
-    lines.append(f"- ceiling: {split['processes']} plain processes at once, 1 torch thread each, on disjoint shards: "
-                 f"{split['images_per_second']:.2f} img/s = {r.ratios['ceiling_vs_plain']:.3f}x the best plain run; "
-                 f"the pipeline reaches {r.ratios['vs_ceiling']:.3f} of it")
+    lines.append(f"- ceiling: {split['processes']} plain processes at once, 1 torch thread each, on disjoint shards, "
+                 f"{split['dtype']}: {split['images_per_second']:.2f} img/s = {r.ratios['ceiling_vs_plain']:.3f}x "
+                 f"the best plain run in {split['dtype']}; the pipeline reaches {r.ratios['vs_ceiling']:.3f} of it")
     columns = ", ".join(f"{k} {v}" for k, v in r.storage["per_column_bytes_per_image"].items())
     lines.append(f"- corpus bytes per image by column: {columns}; whole files {r.storage['file_bytes_per_image']:.1f}")
     return lines

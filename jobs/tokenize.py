@@ -45,7 +45,7 @@ def summary_record(summary: RunSummary, exit_code: int) -> dict[str, Any]:
         "images": summary.images, "errors": summary.errors, "samples": summary.samples,
         "errors_by_reason": dict(summary.errors_by_reason), "seconds": round(summary.seconds, 3),
         "images_per_second": round(summary.images_per_second, 3), "storage_retries": summary.storage_retries,
-        "bundle_fingerprint": summary.bundle_fingerprint, "untrained_parts": list(summary.untrained_parts),
+        "bundle_fingerprint": summary.bundle_fingerprint, "dtype": summary.dtype, "untrained_parts": list(summary.untrained_parts),
     }
 
 
@@ -59,7 +59,8 @@ def print_summary(summary: RunSummary, exit_code: int = 0, as_json: bool = False
         f"(of {summary.shards_total}); {summary.images} images, {summary.errors} errors, "
         f"{summary.images_per_second:.1f} images/s in {format_duration(summary.seconds)}"
     )
-    print(f"corpus:   {summary.output}  (bundle {summary.bundle_fingerprint})")
+    computed = f", computed in {summary.dtype}" if summary.dtype else ""
+    print(f"corpus:   {summary.output}  (bundle {summary.bundle_fingerprint}{computed})")
     if summary.storage_retries:
         print(f"storage:  {summary.storage_retries} store retries while reading shards")
     if summary.shards_failed:

@@ -123,6 +123,23 @@ def tiny():
     return DualTokenizer.from_preset("tiny", seed=0)
 
 
+def tokens_in(tokenizer, images, dtype: str):
+    """`tokenizer`'s tokens for `images` as the suite's CPU encoder actors compute them: in `dtype` (a
+    corpus's recorded one) on one torch thread (the 4-CPU cluster gives each actor 0.94 CPU). Ids
+    near a tie between two codes depend on both: oneDNN splits a convolution's sums by thread.
+    By a copy: the session's tokenizer stays float32 (a bfloat16 round trip would round its weights)."""
+    import copy
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return copy.deepcopy(tokenizer).to(getattr(torch, dtype)).tokenize(images)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_session(s3):
     """One local Ray cluster for the session, started after the S3 env is set so that every worker

@@ -120,6 +120,28 @@ def test_without_input_root_the_next_date_folder_fails_fast_and_writes_nothing(r
     assert keys == sorted(keys1) and sorted(markers) == ["00000"]
 
 
+def test_a_corpus_keeps_the_dtype_its_shards_were_computed_in(ray_session, tmp_path, capsys):
+    """Float32 and bfloat16 give different ids near ties: `auto` continues a corpus in its own dtype,
+    whatever the machine's, and another dtype is refused before anything is written."""
+    inputs, out = tmp_path / "in", tmp_path / "corpus"
+    inputs.mkdir()
+    for s in range(3):
+        (inputs / f"{s:05d}.tar").write_bytes(shard_bytes(f"s{s}", 1, seed=30 + s)[0])
+    assert tokenize(f"inputs={inputs}/00000.tar", f"output={out}", "encoder.dtype=float32") == 0
+    capsys.readouterr()
+    assert tokenize(f"inputs=[{inputs}/00000.tar,{inputs}/00001.tar]", f"output={out}", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "float32"  # the corpus's own, not this CPU's
+    markers = local_markers(out)
+    assert {sid: m["dtype"] for sid, m in markers.items()} == {"00000": "float32", "00001": "float32"}
+    assert S.read_metadata(pq.read_schema(out / "data" / "00001.parquet"))["dtype"] == "float32"
+    assert json.loads((out / "manifest.json").read_text())["config"]["encoder"]["dtype"] == "float32"
+
+    assert tokenize(f"inputs={inputs}/", f"output={out}", "encoder.dtype=bfloat16") == 2
+    err = capsys.readouterr().err
+    assert "tokenized in float32, this run computes in bfloat16" in err and "encoder.dtype=float32" in err
+    assert local_markers(out) == markers and not (out / "data" / "00002.parquet").exists()
+
+
 def test_a_different_shard_with_a_committed_id_is_an_error_not_a_skip(ray_session, tmp_path, capsys):
     shards, out = tmp_path / "in", tmp_path / "corpus"
     (shards / "day1").mkdir(parents=True)

@@ -29,6 +29,7 @@ from dualtok.pipelines.io.read import ReadShards
 from dualtok.pipelines.io.shards import ShardLimits
 from dualtok.pipelines.io.storage import list_shards
 from dualtok.pipelines.tokenize.config import TokenizeConfig
+from tests.conftest import tokens_in
 from tests.shard_factory import IMAGE_FORMATS, encode, mutate, photo_images, tar_bytes
 from tests.test_hostile_input import DECODE_REASONS, end_rows, read_and_decode, read_losing_the_object
 
@@ -308,7 +309,7 @@ def test_parquet_and_tar_inputs_tokenize_alike_and_carry_their_source_fields(fir
     rows = {(r[S.SHARD], r[S.KEY]): r for r in table.to_pylist()}
     assert sorted(rows) == sorted([(s, f"{i:09d}") for s in "ab" for i in range(5)] + [("c", str(i)) for i in range(5)])
     pixels = np.stack([decode_image(d, DecodeConfig(size=256)).pixels for d in jpegs])
-    expected = tiny.tokenize(pixels)
+    expected = tokens_in(tiny, pixels, S.read_metadata(first_run["schema"])["dtype"])
     for i, data in enumerate(jpegs):
         key = f"{i:09d}"
         for shard_key in (("a", key), ("b", key), ("c", str(i))):  # the same photo in each layout: the same tokens

@@ -13,7 +13,9 @@ from PIL import Image
 
 from dualtok.jobs.cli import main as cli
 from dualtok.pipelines.io import schemas as S
+from dualtok.pipelines.actors import native_bf16_cpu
 from dualtok.pipelines.io.decode import DecodeConfig, decode_image
+from tests.conftest import tokens_in
 from tests.shard_factory import encode, photo_images, sample_members, tar_bytes
 
 pytestmark = pytest.mark.timeout(600)
@@ -67,7 +69,9 @@ def test_s3_to_s3_every_sample_accounted_and_tokens_match(ray_session, s3, tiny)
 
     keys = table[S.KEY].to_pylist()
     pixels = np.stack([decode_image(by_key[k], DecodeConfig(size=256)).pixels for k in keys])
-    expected = tiny.tokenize(pixels)
+    # `auto` on a new corpus: bfloat16 where this CPU computes it natively, float32 elsewhere
+    assert meta["dtype"] == ("bfloat16" if native_bf16_cpu() else "float32")
+    expected = tokens_in(tiny, pixels, meta["dtype"])
     np.testing.assert_array_equal(np.stack(table[S.GUIDE_TOKENS].to_numpy(zero_copy_only=False)), expected.guide)
     np.testing.assert_array_equal(np.stack(table[S.SEMANTIC_TOKENS].to_numpy(zero_copy_only=False)), expected.semantic)
     assert table[S.CAPTION].to_pylist() == [f"photo {k}" for k in keys]
@@ -260,6 +264,41 @@ def test_encoder_stage_tokens_only_sample_rows_and_drops_images(tiny, one_thread
     assert S.SEMANTIC_TOKENS not in guide_only.column_names
     with pytest.raises(ValueError, match="streams must be a non-empty subset"):
         EncodeTokens(BundleSource("tiny"), StageResources(), streams=("pixels",))
+
+
+def test_the_corpus_dtype_is_the_corpus_own_else_the_hardware_native_one(monkeypatch):
+    import dualtok.pipelines.actors as actors
+    from dualtok.pipelines.actors import StageResources
+    from dualtok.pipelines.config import ConfigError
+    from dualtok.pipelines.tokenize.pipeline import corpus_dtype
+
+    gpu = StageResources(gpus_per_actor=1.0)
+    for native in (True, False):
+        monkeypatch.setattr(actors, "native_bf16_cpu", lambda: native)
+        assert corpus_dtype(StageResources(), {}, "error") == ("bfloat16" if native else "float32")
+        assert corpus_dtype(gpu, {}, "error") == "bfloat16"  # GPUs: always
+        assert corpus_dtype(StageResources(device="cuda"), {}, "error") == "bfloat16"
+        assert corpus_dtype(StageResources(dtype="float16"), {}, "error") == "float16"  # set: kept
+    # a corpus keeps its own, on any hardware; markers from before markers recorded it count for nothing
+    made = {"a": {"dtype": "float32"}, "b": {}}
+    assert corpus_dtype(gpu, made, "error") == "float32"
+    with pytest.raises(ConfigError, match="tokenized in float32, this run computes in bfloat16"):
+        corpus_dtype(StageResources(dtype="bfloat16"), made, "error")
+    assert corpus_dtype(StageResources(dtype="bfloat16"), made, "keep") == "bfloat16"
+    # two recorded (a corpus kept across a change): `auto` is the hardware's, which one of them refuses
+    mixed = {"a": {"dtype": "float32"}, "b": {"dtype": "bfloat16"}}
+    with pytest.raises(ConfigError, match="tokenized in float32"):
+        corpus_dtype(gpu, mixed, "error")
+
+
+def test_native_bf16_is_what_the_cpu_flags_say():
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    assert native_bf16_cpu() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 3, 16, 64])

@@ -244,6 +244,7 @@ class CorpusWriter:
             "rows": rows, "errors": len(errors),
             "errors_by_reason": _reasons(errors), "run_id": self.run_id,
             "bundle_fingerprint": self.layout.metadata.get("bundle_fingerprint"),
+            "dtype": self.layout.metadata.get("dtype"),  # what the encoders computed in
             "passthrough": list(self.layout.passthrough),
             "shard_bytes": pending.source["shard_bytes"], "shard_version": pending.source["shard_version"],
             "storage_retries": pending.source.get("storage_retries", 0),

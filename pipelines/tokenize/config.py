@@ -61,6 +61,9 @@ class EncoderResources(StageResources):
     actors: int | None = None  # type: ignore[assignment]  # None: sized to the cluster
     gpus_per_actor: float | None = None  # type: ignore[assignment]
     cpus_per_actor: float | None = None  # type: ignore[assignment]
+    # what the encoders compute in, fixed per corpus (its markers record it); auto: the corpus's own,
+    # else bfloat16 on GPUs and on CPUs that compute it natively (AVX512-BF16, AMX), float32 elsewhere
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         too_few = self.max_actors is not None and self.max_actors < (self.actors or 1)

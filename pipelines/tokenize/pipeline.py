@@ -50,8 +50,9 @@ Streams = Literal["both", "guide", "semantic"]
 _MIN_INFLIGHT_BATCHES = 16
 
 
-class BundleMismatchError(RuntimeError):
-    """The output already holds shards made by a different bundle."""
+class BundleMismatchError(ConfigError):
+    """The output already holds shards made by a different bundle, or computed in another dtype:
+    nothing is run (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class RunSummary:
     seconds: float
     bundle_fingerprint: str
     untrained_parts: list[str]
+    dtype: str | None = None  # what the encoders computed in (None: nothing ran and the corpus records none)
     shards_failed: dict[str, str] = field(default_factory=dict)  # shard -> why; not committed, redone next run
     storage_retries: int = 0  # store retries the shard reads took this run (from the read stage's END rows)
     samples: int = 0  # samples in the shards committed this run: images + errors
@@ -172,10 +174,17 @@ def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease:
         pending = pending[: plan.max_shards]
     logger.info("%d input shards: %d already committed, %d to do", len(ids), len(skipped), len(pending))
     writer = None
+    dtype = _recorded_dtype(committed)
     if pending:
         if not ray.is_initialized():
             ray.init()
         _warn_if_starved(plan.required_cpus)
+        dtype = corpus_dtype(plan.encoder, committed, plan.on_bundle_change)
+        config = plan.resolved_config
+        plan = dataclasses.replace(plan, encoder=dataclasses.replace(plan.encoder, dtype=dtype), resolved_config={
+            **config, "encoder": {**config.get("encoder", {}), "dtype": dtype}})
+        # recorded in every file's metadata, every marker and the manifest
+        layout = dataclasses.replace(layout, metadata={**info, "dtype": dtype})
         tasks = commit_tasks(plan.commits)
         writer = PartCommits(layout, {sid: ids[sid] for sid in pending}, run_id, tasks, guard=lease.guard,
                              max_inflight=max(8, 2 * (plan.encoder.max_actors or plan.encoder.actors)))
@@ -192,7 +201,7 @@ def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease:
     summary = RunSummary(
         output=plan.output, shards_total=len(ids), shards_skipped=len(skipped), shards_committed=len(done),
         images=sum(m["rows"] for m in done.values()), errors=sum(m["errors"] for m in done.values()),
-        seconds=time.monotonic() - started, bundle_fingerprint=info["bundle_fingerprint"],
+        seconds=time.monotonic() - started, bundle_fingerprint=info["bundle_fingerprint"], dtype=dtype,
         untrained_parts=info["untrained_parts"], shards_failed=dict(sorted(failed.items())),
         storage_retries=sum(retries.values()),
         samples=sum(m["samples"] for m in done.values()), errors_by_reason=_errors_by_reason(done),
@@ -201,7 +210,7 @@ def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease:
     # the corpus now: the markers read at the start, less those redone this run, plus this run's commits
     # (the run holds the output's lease: nobody else wrote markers meanwhile)
     corpus = {**committed, **done}
-    _write_manifest(plan, layout, run_id, summary, info, corpus)
+    _write_manifest(plan, layout, run_id, summary, {**info, "dtype": dtype}, corpus)
     try:
         layout.compact_markers(versions, committed, done, set(failed))
     except StorageFault as fault:  # the index is a cache: the next run reads the markers themselves
@@ -291,6 +300,39 @@ def _check_bundle(committed: dict[str, dict[str, Any]], fingerprint: str, policy
             f"the output holds shards made by bundle(s) {others}, this run uses {fingerprint}; write to a new "
             "output, or set on_bundle_change=keep to keep them and tokenize only the new shards"
         )
+
+
+def corpus_dtype(encoder: StageResources, committed: dict[str, dict[str, Any]], policy: str) -> str:
+    """The dtype this run's encoders compute in. Tokens depend on it (float32 and bfloat16 agree on
+    ~97-98 % of ids: docs/benchmarks.md), so a corpus keeps one: `auto` takes the one its markers
+    record; for a new corpus (or markers from before markers recorded it) bfloat16 on GPUs and on CPUs
+    that compute it natively, float32 elsewhere. On a CPU-only cluster the driver's CPU decides: set
+    `encoder.dtype` where the nodes differ. A dtype other than the corpus's is refused as another bundle
+    is (`on_bundle_change`)."""
+    from dualtok.pipelines.actors import native_bf16_cpu
+
+    recorded = _recorded_dtype(committed)
+    if encoder.dtype != "auto":
+        dtype = encoder.dtype
+    elif recorded is not None:
+        dtype = recorded
+    else:
+        on_gpu = encoder.device.startswith("cuda") or (encoder.device == "auto" and encoder.gpus_per_actor > 0)
+        dtype = "bfloat16" if on_gpu or native_bf16_cpu() else "float32"
+    others = sorted({m["dtype"] for m in committed.values() if m.get("dtype")} - {dtype})
+    if others and policy == "error":
+        raise BundleMismatchError(
+            f"the output holds shards tokenized in {', '.join(others)}, this run computes in {dtype}: their ids "
+            f"would differ. Rerun with encoder.dtype={others[0]}, write to a new output, or set "
+            "on_bundle_change=keep to keep them and tokenize only the new shards")
+    logger.info("encoders compute in %s%s", dtype, " (the corpus's own)" if dtype == recorded else "")
+    return dtype
+
+
+def _recorded_dtype(committed: dict[str, dict[str, Any]]) -> str | None:
+    """The dtype the corpus's markers record when they agree on one; None for none or several."""
+    recorded = {m["dtype"] for m in committed.values() if m.get("dtype")}
+    return recorded.pop() if len(recorded) == 1 else None
 
 
 def _build_dataset(plan: TokenizePlan, shards: list[tuple[str, str]], parts: TokenParts,
