@@ -256,17 +256,17 @@ def write_shards(output: str, photos: int, per_shard: int) -> list[str]:
 
 
 def run_pipeline(inputs: str, output: str, config: BenchConfig, exclude: set[int]) -> dict[str, Any]:
-    """One `dualtok tokenize` run, the job's own code path (`dualtok.jobs.cli` -> `dualtok.jobs.tokenize.run`: its
-    checks, its resource sizing, its defaults), in a fresh local Ray session timed from `ray.init` on.
-    The counts come from the manifest the job writes."""
+    """One `dualtok tokenize` run, the job's own code path (`dualtok.jobs.cli` -> `dualtok.jobs.tokenize.run`:
+    its checks, its resource sizing, its defaults), in the fresh local Ray session the job starts itself,
+    timed from the command on. The counts come from the manifest the job writes."""
     from dualtok.jobs.cli import main as dualtok
 
-    argv = ["-q", "tokenize", "inputs=" + json.dumps([inputs]), f"output={output}", *config.pipeline_overrides()]
+    # the job starts its own local Ray, as `dualtok tokenize` does for users (the machine's cores)
+    cpus = [] if config.cpus == os.cpu_count() else [f"ray.num_cpus={config.cpus}"]
+    argv = ["-q", "tokenize", "inputs=" + json.dumps([inputs]), f"output={output}", *cpus,
+            *config.pipeline_overrides()]
     with SessionSampler(exclude) as session:
         start = time.monotonic()
-        # The Ray `dualtok tokenize` would start here (the machine's CPUs), without the dashboard: it is
-        # not part of the job, and its processes would pad the memory baseline.
-        ray.init(num_cpus=config.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
         code = dualtok(argv)
         seconds = time.monotonic() - start
         ray.shutdown()
@@ -552,7 +552,7 @@ def detail_lines(r: Results) -> list[str]:
     for label, run in (("1x", r.pipeline_1x), ("4x", r.pipeline_4x)):
         busy = run["cpu_seconds"] / (run["seconds"] * r.config["cpus"])
         lines.append(f"- pipeline {label}: {run['images']} images, {run['errors']} errors in {run['seconds']:.1f} s "
-                     f"incl. ray.init ({run['images_per_second']:.2f} img/s); peak RSS "
+                     f"incl. Ray's start ({run['images_per_second']:.2f} img/s); peak RSS "
                      f"{run['peak_rss_bytes'] / 2**20:.0f} MiB (PSS {run['peak_pss_bytes'] / 2**20:.0f} MiB) over "
                      f"{run['memory_samples']} samples; CPU "
                      f"{run['cpu_seconds']:.0f} s = {busy:.0%} of {r.config['cpus']} CPUs: {_cpu_groups(run)} "

@@ -225,8 +225,13 @@ class DualTokenizer:
         for module in self.parts.values():
             module.to(self.device)
             current = next(module.parameters()).dtype
-            if current != dtype:  # diffusers warns on any dtype cast, so cast only when it changes
-                module.to(dtype)
+            if current != dtype:
+                # nn.Module's own cast: diffusers' `to` only adds a warning on every dtype cast, even
+                # for a model with no module to keep in float32 (ours have none)
+                kept = getattr(module, "_keep_in_fp32_modules", None)
+                if kept:
+                    logger.warning("%s: casting to %s, its %s too", type(module).__name__, dtype, kept)
+                torch.nn.Module.to(module, dtype)
         return self
 
     # ---- tokenize / detokenize ----------------------------------------------------------

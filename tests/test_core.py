@@ -146,14 +146,17 @@ def test_from_pretrained_reads_a_bundle_from_the_local_hugging_face_cache(tiny, 
         DualTokenizer.from_pretrained("dualtok/other")
 
 
-def test_to_and_torch_dtype_behave_like_nn_module(tiny, tmp_path, photos):
+def test_to_and_torch_dtype_behave_like_nn_module(tiny, tmp_path, photos, capfd):
     tiny.save_pretrained(tmp_path / "b")
     half = DualTokenizer.from_pretrained(tmp_path / "b", parts=("guide",), torch_dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16 and next(half.part("guide").parameters()).dtype == torch.bfloat16
     half.to("cpu")  # a device alone keeps the dtype
     assert half.dtype == torch.bfloat16 and next(half.part("guide").parameters()).dtype == torch.bfloat16
+    capfd.readouterr()
     half.to(torch.float32)  # a dtype alone keeps the device
     assert next(half.part("guide").parameters()).dtype == torch.float32 and half.device == torch.device("cpu")
+    # every CPU actor casts: without diffusers' "modules that should be kept in float32: []" each time
+    assert "kept in float32" not in capfd.readouterr().err
     assert half.encode_guide(photos).shape == (3, 64)  # bf16-rounded weights: other ids, same contract
     full = DualTokenizer.from_pretrained(tmp_path / "b", parts=("guide",), torch_dtype=torch.float32, device="cpu")
     np.testing.assert_array_equal(full.encode_guide(photos), tiny.encode_guide(photos))
