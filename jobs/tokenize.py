@@ -45,7 +45,8 @@ def summary_record(summary: RunSummary, exit_code: int) -> dict[str, Any]:
         "images": summary.images, "errors": summary.errors, "samples": summary.samples,
         "errors_by_reason": dict(summary.errors_by_reason), "seconds": round(summary.seconds, 3),
         "images_per_second": round(summary.images_per_second, 3), "storage_retries": summary.storage_retries,
-        "bundle_fingerprint": summary.bundle_fingerprint, "dtype": summary.dtype, "untrained_parts": list(summary.untrained_parts),
+        "bundle_fingerprint": summary.bundle_fingerprint, "dtype": summary.dtype,
+        "untrained_parts": list(summary.untrained_parts),
     }
 
 

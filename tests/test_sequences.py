@@ -62,7 +62,8 @@ def corpus(tmp_path_factory) -> str:
             pa.FixedSizeListArray.from_arrays(pa.array(semantic, pa.uint16()), SEMANTIC_LEN),
         ], schema=schema)
         pq.write_table(table, root / "data" / f"{shard}.parquet")
-        marker = {"shard": shard, "rows": rows, "errors": 0, "samples": rows, "data_file": f"data/{shard}.parquet"}
+        marker = {"shard": shard, "rows": rows, "errors": 0, "samples": rows, "data_file": f"data/{shard}.parquet",
+                  "bundle_fingerprint": "b0", "dtype": "bfloat16"}
         (root / "_committed" / f"{shard}.json").write_text(json.dumps(marker))
     return str(root)
 
@@ -225,6 +226,9 @@ def test_megatron_export_reads_back_with_megatron_core_split_by_key_and_resumes(
     assert 0 < len(held) < len(keys)  # 27 rows, about 8 held out
     found: dict[str, list[list[int]]] = {"train": [], "heldout": []}
     manifest = json.loads((out / "manifest.json").read_text())
+    # what made the tokens, from the corpus's markers: the bundle to decode generated ids with
+    n = len(ROWS_PER_FILE)
+    assert manifest["tokens_made_by"] == {"shards_by_bundle": {"b0": n}, "shards_by_dtype": {"bfloat16": n}}
     for split in ("train", "heldout"):
         for name in manifest["files"][split]:
             if name.endswith(".idx"):

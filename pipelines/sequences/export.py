@@ -348,7 +348,7 @@ def run_export(config: ExportConfig) -> ExportSummary:
             done[counts["shard"]] = marker
             logger.info("exported shard %s: %d train, %d heldout rows", counts["shard"], counts["train"]["rows"],
                         counts["heldout"]["rows"])
-    return _finish(config, out, contract, done, len(corpus_markers), skipped, len(pending), started)
+    return _finish(config, out, contract, done, corpus_markers, skipped, len(pending), started)
 
 
 def _corpus_metadata(corpus: str, markers: dict[str, dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
@@ -392,10 +392,18 @@ def _write_contract(out: OutputFolder, contract: Any, tokenizer: Any, extend: An
                 out.write(path.read_bytes(), TOKENIZER_DIR, path.name)
 
 
-def _finish(config: ExportConfig, out: OutputFolder, contract: Any, markers: dict[str, dict[str, Any]], total: int,
-            skipped: int, committed: int, started: float) -> ExportSummary:
+def _finish(config: ExportConfig, out: OutputFolder, contract: Any, markers: dict[str, dict[str, Any]],
+            corpus_markers: dict[str, dict[str, Any]], skipped: int, committed: int, started: float) -> ExportSummary:
     """The summary and the manifest, from every shard's marker (this run's and the earlier ones)."""
+    from collections import Counter
+
     from dualtok.pipelines.config import to_dict
+
+    total = len(corpus_markers)
+    made = [corpus_markers[s] for s in markers if s in corpus_markers]
+    # what made the tokens: the bundle to decode generated ids with, and the dtype it computed in
+    made_by = {f"shards_by_{name}": dict(sorted(Counter(m.get(key) or "unrecorded" for m in made).items()))
+               for name, key in (("bundle", "bundle_fingerprint"), ("dtype", "dtype"))}
 
     sums = {key: {split: sum(m[split][key] for m in markers.values()) for split in SPLITS}
             for key in ("rows", "tokens", "sequences")}
@@ -413,7 +421,7 @@ def _finish(config: ExportConfig, out: OutputFolder, contract: Any, markers: dic
                     split: sorted(name for s, m in markers.items() if m[split]["sequences"]
                                   for name in _file_names(config.format, split, s, m[split]))
                     for split in SPLITS},
-                "totals": sums, "shards": len(markers)}
+                "totals": sums, "shards": len(markers), "tokens_made_by": made_by}
     out.write_json(manifest, MANIFEST_FILE)
     return summary
 
