@@ -73,7 +73,9 @@ def test_date_folders_on_s3_get_each_sample_once_with_input_root(ray_session, s3
     day2, keys2 = shard_bytes("b", 2, seed=2)
     fs.pipe_file(f"{bucket}/2026-12-01/00000.tar", day1)
     out, root = f"s3://{bucket}/corpus", f"s3://{bucket}/"
-    assert tokenize(f"inputs=s3://{bucket}/2026-12-01/", f"output={out}", f"input_root={root}") == 0
+    # the first night computes in float32 (say, on a CPU pool without native bfloat16)
+    assert tokenize(f"inputs=s3://{bucket}/2026-12-01/", f"output={out}", f"input_root={root}",
+                    "encoder.dtype=float32") == 0
     fs.pipe_file(f"{bucket}/2026-12-02/00000.tar", day2)  # the next night's folder, same file name
     inputs = f"inputs=[s3://{bucket}/2026-12-01/,s3://{bucket}/2026-12-02/]"
     assert tokenize(inputs, f"output={out}", f"input_root={root}") == 0
@@ -92,6 +94,12 @@ def test_date_folders_on_s3_get_each_sample_once_with_input_root(ray_session, s3
     assert tokenize(f"inputs=s3://{bucket}/2026-12-0[123]/*.tar", f"output={out}") == 0
     keys, markers = s3_corpus(fs, f"{bucket}/corpus")
     assert keys == sorted(keys1 + keys2 + keys3) and "2026-12-03__00000" in markers
+    # later nights with `encoder.dtype=auto` continue in the corpus's dtype, whatever this CPU computes
+    # fastest: float32 and bfloat16 ids differ near ties
+    assert {m["dtype"] for m in markers.values()} == {"float32"}
+    fs.invalidate_cache()
+    schema = pq.read_schema(fs.open(f"{bucket}/corpus/data/2026-12-03__00000.parquet"))
+    assert S.read_metadata(schema)["dtype"] == "float32"
 
 
 def test_without_input_root_the_next_date_folder_fails_fast_and_writes_nothing(ray_session, s3, capsys):
@@ -104,6 +112,15 @@ def test_without_input_root_the_next_date_folder_fails_fast_and_writes_nothing(r
     assert read_input_root(out) == f"s3://{bucket}/day1/"  # the first run's common folder, as before
     before = {p: fs.cat_file(p) for p in fs.find(f"{bucket}/corpus")}
     capsys.readouterr()
+
+    # a new shard in the root, tokenized in another dtype than the corpus's (float32 and bfloat16 ids
+    # differ near ties): refused naming both, nothing written (checked below)
+    fs.pipe_file(f"{bucket}/day1/00001.tar", shard_bytes("c", 1, seed=6)[0])
+    made_in = json.loads(fs.cat_file(f"{bucket}/corpus/_committed/00000.json"))["dtype"]
+    other = "float32" if made_in == "bfloat16" else "bfloat16"
+    assert tokenize(f"inputs=s3://{bucket}/day1/", f"output={out}", f"encoder.dtype={other}") == 2
+    err = capsys.readouterr().err
+    assert f"tokenized in {made_in}, this run computes in {other}" in err and f"encoder.dtype={made_in}" in err
 
     assert tokenize(f"inputs=[s3://{bucket}/day1/,s3://{bucket}/day2/]", f"output={out}") == 2
     err = capsys.readouterr().err
@@ -118,28 +135,6 @@ def test_without_input_root_the_next_date_folder_fails_fast_and_writes_nothing(r
     assert {p: fs.cat_file(p) for p in fs.find(f"{bucket}/corpus")} == before  # nothing written, lease gone
     keys, markers = s3_corpus(fs, f"{bucket}/corpus")
     assert keys == sorted(keys1) and sorted(markers) == ["00000"]
-
-
-def test_a_corpus_keeps_the_dtype_its_shards_were_computed_in(ray_session, tmp_path, capsys):
-    """Float32 and bfloat16 give different ids near ties: `auto` continues a corpus in its own dtype,
-    whatever the machine's, and another dtype is refused before anything is written."""
-    inputs, out = tmp_path / "in", tmp_path / "corpus"
-    inputs.mkdir()
-    for s in range(3):
-        (inputs / f"{s:05d}.tar").write_bytes(shard_bytes(f"s{s}", 1, seed=30 + s)[0])
-    assert tokenize(f"inputs={inputs}/00000.tar", f"output={out}", "encoder.dtype=float32") == 0
-    capsys.readouterr()
-    assert tokenize(f"inputs=[{inputs}/00000.tar,{inputs}/00001.tar]", f"output={out}", "--json") == 0
-    assert json.loads(capsys.readouterr().out)["dtype"] == "float32"  # the corpus's own, not this CPU's
-    markers = local_markers(out)
-    assert {sid: m["dtype"] for sid, m in markers.items()} == {"00000": "float32", "00001": "float32"}
-    assert S.read_metadata(pq.read_schema(out / "data" / "00001.parquet"))["dtype"] == "float32"
-    assert json.loads((out / "manifest.json").read_text())["config"]["encoder"]["dtype"] == "float32"
-
-    assert tokenize(f"inputs={inputs}/", f"output={out}", "encoder.dtype=bfloat16") == 2
-    err = capsys.readouterr().err
-    assert "tokenized in float32, this run computes in bfloat16" in err and "encoder.dtype=float32" in err
-    assert local_markers(out) == markers and not (out / "data" / "00002.parquet").exists()
 
 
 def test_a_different_shard_with_a_committed_id_is_an_error_not_a_skip(ray_session, tmp_path, capsys):
