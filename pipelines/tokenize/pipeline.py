@@ -319,7 +319,7 @@ def corpus_dtype(encoder: StageResources, committed: dict[str, dict[str, Any]], 
     else:
         on_gpu = encoder.device.startswith("cuda") or (encoder.device == "auto" and encoder.gpus_per_actor > 0)
         dtype = "bfloat16" if on_gpu or native_bf16_cpu() else "float32"
-    others = sorted({m["dtype"] for m in committed.values() if m.get("dtype")} - {dtype})
+    others = sorted(_recorded_dtypes(committed) - {dtype})
     if others and policy == "error":
         raise BundleMismatchError(
             f"the output holds shards tokenized in {', '.join(others)}, this run computes in {dtype}: their ids "
@@ -329,9 +329,14 @@ def corpus_dtype(encoder: StageResources, committed: dict[str, dict[str, Any]], 
     return dtype
 
 
+def _recorded_dtypes(committed: dict[str, dict[str, Any]]) -> set[str]:
+    """The dtypes the corpus's markers record (markers from before they recorded one: none)."""
+    return {m["dtype"] for m in committed.values() if m.get("dtype")}
+
+
 def _recorded_dtype(committed: dict[str, dict[str, Any]]) -> str | None:
     """The dtype the corpus's markers record when they agree on one; None for none or several."""
-    recorded = {m["dtype"] for m in committed.values() if m.get("dtype")}
+    recorded = _recorded_dtypes(committed)
     return recorded.pop() if len(recorded) == 1 else None
 
 
