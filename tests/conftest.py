@@ -24,16 +24,25 @@ import uuid
 
 import pytest
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op thread count set to `count`, restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
     spin-waiting makes them ~10x slower; the thread count is restored afterwards."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 S3_TEST_ENV = {
@@ -132,12 +141,8 @@ def tokens_in(tokenizer, images, dtype: str):
 
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return copy.deepcopy(tokenizer).to(getattr(torch, dtype)).tokenize(images)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -174,17 +174,16 @@ def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease:
         pending = pending[: plan.max_shards]
     logger.info("%d input shards: %d already committed, %d to do", len(ids), len(skipped), len(pending))
     writer = None
-    dtype = _recorded_dtype(committed)
+    dtype = corpus_dtype(plan.encoder, committed, plan.on_bundle_change) if pending else _recorded_dtype(committed)
+    info = {**info, "dtype": dtype}  # recorded in every file's metadata, every marker and the manifest
+    layout = dataclasses.replace(layout, metadata=info)
     if pending:
         if not ray.is_initialized():
             ray.init()
         _warn_if_starved(plan.required_cpus)
-        dtype = corpus_dtype(plan.encoder, committed, plan.on_bundle_change)
         config = plan.resolved_config
         plan = dataclasses.replace(plan, encoder=dataclasses.replace(plan.encoder, dtype=dtype), resolved_config={
             **config, "encoder": {**config.get("encoder", {}), "dtype": dtype}})
-        # recorded in every file's metadata, every marker and the manifest
-        layout = dataclasses.replace(layout, metadata={**info, "dtype": dtype})
         tasks = commit_tasks(plan.commits)
         writer = PartCommits(layout, {sid: ids[sid] for sid in pending}, run_id, tasks, guard=lease.guard,
                              max_inflight=max(8, 2 * (plan.encoder.max_actors or plan.encoder.actors)))
@@ -210,7 +209,7 @@ def _run_held(plan: TokenizePlan, shards: list[ShardObject], run_id: str, lease:
     # the corpus now: the markers read at the start, less those redone this run, plus this run's commits
     # (the run holds the output's lease: nobody else wrote markers meanwhile)
     corpus = {**committed, **done}
-    _write_manifest(plan, layout, run_id, summary, {**info, "dtype": dtype}, corpus)
+    _write_manifest(plan, layout, run_id, summary, info, corpus)
     try:
         layout.compact_markers(versions, committed, done, set(failed))
     except StorageFault as fault:  # the index is a cache: the next run reads the markers themselves
